@@ -1,0 +1,208 @@
+"""The ``synth`` command line: argument parsing only; the work is in synth.pipeline etc.
+
+Exit status: 0 success, 2 usage/config/data errors (one line on stderr, no traceback),
+1 runtime failures, 130 interrupted. ``--debug`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Sequence
+
+from synth.errors import UserError
+
+log = logging.getLogger("synth")
+
+EPILOG = "Docs: README.md. Errors exit with status 2 (bad input) or 1 (runtime failure)."
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
+    common.add_argument("--quiet", "-q", action="store_true", help="no progress bars, warnings and errors only")
+
+    p = argparse.ArgumentParser(
+        prog="synth",
+        description="Closed-loop neural control image synthesis: fit a brain-mapped CNN surrogate of recorded sites, "
+        "synthesize stretch and one-hot population images, write a stimulus set, validate against follow-up recordings.",
+        epilog=EPILOG,
+        parents=[common],
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    r = sub.add_parser("run", parents=[common], help="run a closed-loop experiment from a YAML config", epilog=EPILOG,
+                       description="Run record -> fit -> synthesize -> follow-up -> validate; writes one run folder.")
+    r.add_argument("config", nargs="?", help="experiment YAML (e.g. configs/demo.yaml or RUN_DIR/config.resolved.yaml)")
+    r.add_argument("--out", metavar="DIR", help="run folder to create (default outputs/<timestamp>_<name>); never overwritten")
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set synthesis.steps=50 (repeatable; validated like the file)")
+    r.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override the config's device")
+    r.add_argument("--resume", metavar="RUN_DIR", help="complete an interrupted run (its .partial folder)")
+
+    c = sub.add_parser("check", parents=[common], help="validate a config (and its target) without running",
+                       description="Validate a config file and overrides; prints the resolved config.")
+    c.add_argument("config", help="experiment YAML")
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a value")
+    c.add_argument("--print", dest="print_resolved", action="store_true", help="print the fully resolved config")
+
+    v = sub.add_parser("validate", parents=[common], help="score predictions against follow-up recordings",
+                       description="Join predictions and recordings on stimulus_id/site_id; write report.json and report.html.")
+    v.add_argument("--predictions", required=True, metavar="PRED", help=".npz with stimulus_id, site_id, predicted (N, S)")
+    v.add_argument("--recordings", required=True, metavar="REC",
+                   help=".npz with stimulus_id, site_id, responses (S, N, R) NaN-padded, or long CSV stimulus_id,site_id,repeat,response")
+    v.add_argument("--out", required=True, metavar="DIR", help="report folder to create")
+    v.add_argument("--stimuli", metavar="RUN_DIR", help="run folder: adds control outcomes (stretch, one-hot) and a stimulus montage")
+    v.add_argument("--min-reliability", type=float, default=None, help="exclude sites with split-half reliability below this")
+    v.add_argument("--n-bootstrap", type=int, default=1000, help="bootstrap resamples for confidence intervals")
+    v.add_argument("--seed", type=int, default=0, help="seed for split halves and bootstrap")
+
+    b = sub.add_parser("bench", parents=[common], help="benchmarks that print figures")
+    bsub = b.add_subparsers(dest="bench", metavar="WHAT")
+    bsub.required = True
+    bs = bsub.add_parser("synthesis", parents=[common], help="synth vs lucent render_vis on the same 64-site surrogate")
+    bs.add_argument("--device", default="cpu", help="cpu or cuda")
+    bs.add_argument("--image-size", type=int, default=224)
+    bs.add_argument("--n-sites", type=int, default=64)
+    bs.add_argument("--steps", type=int, default=256, help="lucent's steps per target")
+    bs.add_argument("--seed", type=int, default=0)
+
+    d = sub.add_parser("data", parents=[common], help="data sets: download")
+    dsub = d.add_subparsers(dest="data_command", metavar="ACTION")
+    dsub.required = True
+    f = dsub.add_parser("fetch", parents=[common], help="download a public data set with SHA-256 checks")
+    f.add_argument("dataset", choices=["cowley2023"], help="data set name")
+    f.add_argument("--root", default="data/cowley2023_v4", help="destination folder (default data/cowley2023_v4)")
+    f.add_argument("--mirror", metavar="DIR", help="copy from a local mirror folder instead of the internet")
+    f.add_argument("--base-url", help="alternative base URL with the same layout")
+    return p
+
+
+def _setup_logging(debug: bool, quiet: bool) -> None:
+    from synth.runtime import set_quiet
+
+    set_quiet(quiet)
+    level = logging.DEBUG if debug else (logging.WARNING if quiet else logging.INFO)
+    logger = logging.getLogger("synth")
+    logger.setLevel(logging.DEBUG)
+    for h in list(logger.handlers):
+        if getattr(h, "_synth_console", False):
+            logger.removeHandler(h)
+    h = logging.StreamHandler(sys.stderr)
+    h._synth_console = True  # type: ignore[attr-defined]
+    h.setLevel(level)
+    h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    logger.addHandler(h)
+    logger.propagate = False
+
+
+def _cmd_run(a: argparse.Namespace) -> int:
+    from synth.config import load_config
+    from synth.pipeline import resume_config, run_pipeline
+
+    overrides = list(a.overrides)
+    if a.device:
+        overrides.append(f"device={a.device}")
+    if a.resume:
+        if a.config or a.out:
+            raise UserError("--resume takes the run folder only (no CONFIG or --out)")
+        cfg, path = resume_config(a.resume)
+        if overrides:
+            raise UserError("--resume repeats the saved config; --set/--device are not allowed with it")
+        final = run_pipeline(cfg, config_path=path, resume=a.resume)
+    else:
+        if not a.config:
+            raise UserError("synth run: CONFIG is required (or --resume RUN_DIR)")
+        cfg = load_config(a.config, overrides)
+        final = run_pipeline(cfg, config_path=a.config, out=a.out)
+    sys.stdout.write(f"{final}\n")
+    return 0
+
+
+def _cmd_check(a: argparse.Namespace) -> int:
+    import yaml
+
+    from synth.config import config_to_dict, load_config
+    from synth.pipeline import load_target
+
+    cfg = load_config(a.config, a.overrides)
+    target = load_target(cfg, os.path.dirname(os.path.abspath(a.config)))
+    if a.print_resolved:
+        sys.stdout.write(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    sys.stdout.write(f"{a.config}: OK ({target.name}: {len(target.site_ids)} sites)\n")
+    return 0
+
+
+def _cmd_validate(a: argparse.Namespace) -> int:
+    from synth.validation.validate import run_validate
+
+    report = run_validate(
+        a.predictions, a.recordings, a.out, a.stimuli,
+        min_reliability=a.min_reliability, n_bootstrap=a.n_bootstrap, seed=a.seed,
+    )
+    keys = ("median_pearson_r", "median_r2_er", "median_split_half_reliability")
+    sys.stdout.write(" ".join(f"{k}={report.get(k, float('nan')):.3f}" for k in keys) + f"\n{a.out}\n")
+    return 0
+
+
+def _cmd_bench(a: argparse.Namespace) -> int:
+    from synth.synthesis.bench import bench_synthesis
+
+    def write(line: str) -> None:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+    bench_synthesis(device=a.device, image_size=a.image_size, n_sites=a.n_sites, steps=a.steps, seed=a.seed, write=write)
+    return 0
+
+
+def _cmd_data(a: argparse.Namespace) -> int:
+    from synth.data.fetch import fetch_dataset
+
+    paths = fetch_dataset(a.dataset, a.root, base_url=a.base_url, mirror=a.mirror)
+    sys.stdout.write(f"{len(paths)} files verified in {a.root}\n")
+    return 0
+
+
+def _sigterm_as_interrupt() -> None:
+    import signal
+
+    def handler(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not in the main thread
+        pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    _sigterm_as_interrupt()
+    parser = _parser()
+    a = parser.parse_args(argv)
+    _setup_logging(a.debug, a.quiet)
+    handler = {"run": _cmd_run, "check": _cmd_check, "validate": _cmd_validate, "bench": _cmd_bench, "data": _cmd_data}[a.command]
+    try:
+        return handler(a)
+    except UserError as err:
+        if a.debug:
+            raise
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        sys.stderr.write(f"synth {a.command}: error: {msg}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write(f"synth {a.command}: interrupted\n")
+        return 130
+    except Exception as err:  # runtime failure: short message, traceback with --debug
+        if a.debug:
+            raise
+        log.debug("traceback", exc_info=True)
+        sys.stderr.write(f"synth {a.command}: failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} (rerun with --debug for the traceback)\n")
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

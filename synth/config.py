@@ -1,0 +1,234 @@
+"""The experiment config: YAML -> frozen, validated dataclasses -> resolved YAML.
+
+One file describes one closed-loop experiment. Sections (each a frozen dataclass):
+
+``name``, ``seed``, ``device``  top-level
+``target``     which site population (a ``targets/*.yaml`` file) and data root/session
+``data``       display size and colour mode of all images
+``fit``        surrogate backbone/core, layer(s), readout, training (synth.surrogate)
+``stimuli``    which control images to make (stretch, one-hot), how many seeds each
+``synthesis``  parameterization, transforms, priors, constraints, steps (synth.synthesis)
+``followup``   how the follow-up recording is made (repeats)
+``validate``   bootstrap and reliability settings for the report
+
+Every error is one line naming the file and the dotted key, e.g.
+``configs/demo.yaml: synthesis.steps: expected a value >= 1, got 0``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from synth.configtools import from_dict, to_dict
+from synth.errors import ConfigError
+from synth.surrogate.fit import FitConfig
+from synth.synthesis.config import SynthesisConfig
+
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TargetSection:
+    """Which population to control.
+
+    ``file`` is a ``targets/*.yaml`` definition (its ``kind`` picks the builder);
+    ``root``/``session`` override the file's data root and session; ``params`` override
+    any other of its params.
+    """
+
+    file: str = field(default="targets/virtual_v4.yaml", metadata={"help": "targets/*.yaml population definition"})
+    root: str | None = field(default=None, metadata={"help": "data root (real-data targets)"})
+    session: str | None = field(default=None, metadata={"help": "recording session id (real-data targets)"})
+    params: dict[str, Any] = field(default_factory=dict, metadata={"help": "overrides of the target file's params"})
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataSection:
+    """Display format shared by natural images, synthesis and the saved stimuli."""
+
+    image_size: int = field(default=112, metadata={"min": 16, "max": 1024, "help": "display size in pixels (square)"})
+    grayscale: bool = field(default=True, metadata={"help": "grayscale (Bashivan et al. 2019) or RGB images"})
+
+
+@dataclass(frozen=True, kw_only=True)
+class StimuliSection:
+    """Which control images to synthesize."""
+
+    stretch: bool = field(default=True, metadata={"help": "one stretch image per target site and seed"})
+    one_hot: bool = field(default=True, metadata={"help": "one one-hot population image per target site and seed"})
+    sites: tuple[str, ...] | None = field(default=None, metadata={"help": "target site ids (default: all sites)"})
+    seeds_per_target: int = field(default=1, metadata={"min": 1, "max": 1000})
+    batch_size: int = field(default=64, metadata={"min": 1, "help": "images per synthesis batch (one checkpoint each)"})
+    held_out_surrogate: bool = field(
+        default=False, metadata={"help": "fit a second surrogate on another split and report its predictions too"}
+    )
+
+    def __post_init__(self) -> None:
+        if not (self.stretch or self.one_hot):
+            raise ConfigError("at least one of stretch, one_hot must be true", key="stretch")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FollowupSection:
+    """The follow-up recording of natural and synthesized images."""
+
+    n_repeats: int = field(default=4, metadata={"min": 1, "max": 1000})
+    record_natural: bool = field(
+        default=True, metadata={"help": "re-record the natural set in the follow-up (natural maxima, z-scores)"}
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ValidateSection:
+    """Report settings."""
+
+    n_bootstrap: int = field(default=200, metadata={"min": 0, "max": 100000})
+    min_reliability: float | None = field(default=None, metadata={"min": -1.0, "max": 1.0})
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """A whole closed-loop experiment (see module docstring)."""
+
+    name: str = "experiment"
+    seed: int = field(default=0, metadata={"min": 0, "max": 2**31 - 1})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    target: TargetSection = field(default_factory=TargetSection)
+    data: DataSection = field(default_factory=DataSection)
+    fit: FitConfig = field(default_factory=FitConfig)
+    stimuli: StimuliSection = field(default_factory=StimuliSection)
+    synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
+    followup: FollowupSection = field(default_factory=FollowupSection)
+    validate: ValidateSection = field(default_factory=ValidateSection)
+
+    def __post_init__(self) -> None:
+        if not _DEVICE_RE.match(self.device):
+            raise ConfigError(f"unknown device '{self.device}'; expected auto, cpu, cuda or cuda:N", key="device")
+        if not re.match(r"^[A-Za-z0-9_.-]+$", self.name):
+            raise ConfigError(f"expected letters, digits, '_', '-', '.' only, got {self.name!r}", key="name")
+
+
+def read_yaml(path: str | os.PathLike) -> Any:
+    """Read a YAML file; ConfigError (one line, naming the file) on any problem."""
+    path = str(path)
+    if not os.path.exists(path):
+        raise ConfigError("file not found", file=path)
+    if os.path.isdir(path):
+        raise ConfigError("is a directory, expected a YAML file", file=path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as err:
+        raise ConfigError(f"cannot read: {err.strerror}", file=path) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError("not a text file (invalid UTF-8); expected YAML", file=path) from None
+    if "\x00" in text:
+        raise ConfigError("not a text file (contains NUL bytes); expected YAML", file=path)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"YAML syntax error at {where}{problem}", file=path) from None
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set expects dotted.key=value, got {item!r}")
+    key, _, value = item.partition("=")
+    key = key.strip()
+    if not key or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$", key):
+        raise ConfigError(f"--set expects dotted.key=value, got key {key!r}")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    return key.split("."), parsed
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Apply ``dotted.key=value`` overrides (values parsed as YAML) to a plain mapping."""
+    out = _deep_copy(data)
+    for item in overrides or ():
+        parts, value = _parse_override(item)
+        node = out
+        for i, p in enumerate(parts[:-1]):
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = {}
+                node[p] = nxt
+            elif not isinstance(nxt, dict):
+                raise ConfigError(f"--set {item}: '{'.'.join(parts[: i + 1])}' is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def _deep_copy(data: Any) -> Any:
+    if isinstance(data, Mapping):
+        return {k: _deep_copy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deep_copy(v) for v in data]
+    return data
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load, override and validate a config file.
+
+    Args:
+        path: the YAML file.
+        overrides: ``dotted.key=value`` strings (``--set``), validated like the file.
+
+    Returns:
+        A frozen Config. Relative paths in ``target.file`` are resolved later against
+        the current directory first, then the config file's directory.
+
+    Raises:
+        ConfigError: one line naming the file and key.
+    """
+    data = read_yaml(path)
+    if data is None:
+        raise ConfigError("empty file; expected a mapping of config sections", file=str(path))
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"expected a mapping of config sections, got {type(data).__name__}", file=str(path))
+    try:
+        data = apply_overrides(data, overrides)
+        return from_dict(Config, data)
+    except ConfigError as err:
+        raise err.at(file=str(path)) from None
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """The fully resolved config as plain data."""
+    return to_dict(cfg)
+
+
+def dump_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config (every default spelled out) as YAML."""
+    text = "# Fully resolved synth config: `synth run <this file>` repeats the run.\n"
+    text += yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=False)
+    Path(path).write_text(text)
+
+
+def resolve_path(p: str, *, relative_to: str | os.PathLike | None = None) -> Path:
+    """Resolve a path from a config: as given (cwd), else relative to ``relative_to``."""
+    path = Path(os.path.expanduser(p))
+    if path.is_absolute() or path.exists() or relative_to is None:
+        return path
+    alt = Path(relative_to) / path
+    return alt if alt.exists() else path
+
+
+def replace(cfg: Config, **changes: Any) -> Config:
+    """dataclasses.replace, re-validated."""
+    return dataclasses.replace(cfg, **changes)

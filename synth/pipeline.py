@@ -1,0 +1,408 @@
+"""The closed loop, stage by stage; the only module that knows the order of stages.
+
+record (target.natural) -> fit (surrogate) -> synthesize (stimulus set on disk)
+-> follow-up (target.recorder on the saved PNGs) -> validate (report.json)
+
+Stages talk through files in the run folder and small typed objects; each stage's output
+is a checkpoint, so ``--resume`` redoes only what is missing.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from synth.config import Config, dump_config, load_config, resolve_path
+from synth.data.recordings import Recording
+from synth.errors import DataError, UserError
+from synth.populations.base import NaturalData, Target
+from synth.rundir import RunDir, atomic_write_text
+from synth.runtime import derive_seed, file_sha256, resolve_device, seed_everything, versions
+
+log = logging.getLogger(__name__)
+
+RESOLVED = "config.resolved.yaml"
+
+
+@dataclass
+class Splits:
+    """Indices into the natural set (seeded permutation)."""
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+
+@dataclass
+class Timer:
+    """Seconds per stage."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def __call__(self, name: str):
+        timer = self
+
+        class _Ctx:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+                log.info("stage %s ...", name)
+
+            def __exit__(self, *exc):
+                timer.seconds[name] = round(timer.seconds.get(name, 0.0) + time.perf_counter() - self.t0, 3)
+                if exc[0] is None:
+                    log.info("stage %s done in %.1f s", name, timer.seconds[name])
+
+        return _Ctx()
+
+
+def make_splits(n: int, fractions: dict[str, float], seed: int) -> Splits:
+    """Split ``n`` natural images into train/val/test by a seeded permutation.
+
+    Raises:
+        DataError: if a split would be empty.
+    """
+    rng = np.random.default_rng(derive_seed(seed, "split"))
+    perm = rng.permutation(n)
+    n_test = int(round(fractions["test"] * n))
+    n_val = int(round(fractions["val"] * n))
+    test, val, train = perm[:n_test], perm[n_test : n_test + n_val], perm[n_test + n_val :]
+    for name, idx in (("train", train), ("val", val), ("test", test)):
+        if idx.size < 2:
+            raise DataError(f"the {name} split of the natural set would have {idx.size} images ({n} images in all); adjust fit.split")
+    return Splits(np.sort(train), np.sort(val), np.sort(test))
+
+
+def check_natural(nat: NaturalData, cfg: Config, source: str) -> None:
+    """Catch data problems before any work: sizes, modes, NaN/inf, id mismatches."""
+    x = nat.images
+    c = 1 if cfg.data.grayscale else 3
+    if x.ndim != 4 or x.shape[1] != c or x.shape[2] != cfg.data.image_size or x.shape[3] != cfg.data.image_size:
+        raise DataError(f"{source}: natural images have shape {tuple(x.shape)}, expected (N, {c}, {cfg.data.image_size}, {cfg.data.image_size})")
+    if not torch.isfinite(x).all() or x.min() < 0 or x.max() > 1:
+        raise DataError(f"{source}: natural images must be finite values in [0, 1]")
+    rec = nat.recording
+    if list(rec.stimulus_id) != [str(s) for s in nat.stimulus_id]:
+        raise DataError(f"{source}: recording stimulus ids do not match the natural images")
+    if x.shape[0] != rec.n_stimuli:
+        raise DataError(f"{source}: {x.shape[0]} images but responses for {rec.n_stimuli}")
+    m = rec.mean()
+    if not np.isfinite(m).all():
+        bad = int((~np.isfinite(m)).sum())
+        raise DataError(f"{source}: {bad} repeat-averaged responses are NaN/inf (every image needs at least one repeat)")
+
+
+def _target_source(cfg: Config) -> str:
+    return cfg.target.file
+
+
+def load_target(cfg: Config, config_dir: str | None = None) -> Target:
+    """Build the target named in the config."""
+    from synth.targets import build_target
+
+    path = resolve_path(cfg.target.file, relative_to=config_dir)
+    if not path.exists():
+        from synth.errors import ConfigError
+
+        raise ConfigError(f"targets file not found: {cfg.target.file}", key="target.file")
+    return build_target(path, root=cfg.target.root, session=cfg.target.session, overrides=cfg.target.params)
+
+
+def input_checksums(cfg: Config, config_path: str | None, nat: NaturalData) -> dict[str, str]:
+    """SHA-256 of every input file (config, targets file, data files named by the target)."""
+    out: dict[str, str] = {}
+    if config_path and os.path.exists(config_path):
+        out[str(config_path)] = file_sha256(config_path)
+    tfile = resolve_path(cfg.target.file, relative_to=os.path.dirname(config_path) if config_path else None)
+    if tfile.exists():
+        out[str(tfile)] = file_sha256(tfile)
+    for k, v in (nat.info.get("checksums") or {}).items():
+        out[str(k)] = str(v)
+    return out
+
+
+def _save_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def _median_r(pred: np.ndarray, rec: Recording) -> tuple[float, np.ndarray]:
+    from synth.validation.metrics import pearson_per_site
+
+    r = pearson_per_site(pred.T, rec.mean())
+    return float(np.nanmedian(r)), r
+
+
+def run_pipeline(cfg: Config, *, config_path: str | None = None, out: str | None = None, resume: str | None = None) -> Path:
+    """Run the closed loop; returns the finished run folder.
+
+    Args:
+        cfg: validated config.
+        config_path: the file it came from (for checksums and relative paths).
+        out: run folder to create (default ``outputs/<timestamp>_<name>``).
+        resume: an unfinished ``*.partial`` run folder to complete instead.
+    """
+    timer = Timer()
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    torch.use_deterministic_algorithms(False)
+    config_dir = os.path.dirname(os.path.abspath(config_path)) if config_path else None
+
+    # ---- record: everything that can fail on bad input happens before the run folder exists
+    with timer("record"):
+        target = load_target(cfg, config_dir)
+        nat = target.natural(image_size=cfg.data.image_size, grayscale=cfg.data.grayscale, seed=derive_seed(cfg.seed, "natural"))
+        check_natural(nat, cfg, _target_source(cfg))
+        splits = make_splits(nat.images.shape[0], _split_fractions(cfg), cfg.seed)
+        recorder = target.recorder()
+
+    run = RunDir.open_partial(resume) if resume else RunDir.create(cfg.name, out)
+    _attach_log(run.path("run.log"))
+    try:
+        log.info("run folder (unfinished until renamed): %s", run.work)
+        dump_config(cfg, run.path(RESOLVED))
+        provenance = {
+            "versions": versions(),
+            "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+            "seed": cfg.seed,
+            "derived_seeds": {k: derive_seed(cfg.seed, k) for k in ("natural", "split", "fit", "followup", "bootstrap")},
+            "target": {"name": target.name, "n_sites": int(len(target.site_ids))},
+            "inputs_sha256": input_checksums(cfg, config_path, nat),
+            "natural_info": {k: v for k, v in nat.info.items() if k != "checksums"},
+            "torch_threads": torch.get_num_threads(),
+        }
+        _save_json(run.path("provenance.json"), provenance)
+        report = _run_stages(cfg, run, target, nat, splits, recorder, device, timer)
+        report["timing"] = timer.seconds
+        report["device"] = str(device)
+        _save_json(run.path("report.json"), report)
+        final = run.finish()
+    except UserError:
+        _detach_log()
+        run.discard()
+        raise
+    except BaseException:
+        log.error("run interrupted; unfinished folder kept at %s (resume: synth run --resume %s)", run.work, run.work)
+        _detach_log()
+        raise
+    _detach_log()
+    log.info("run complete: %s", final)
+    return final
+
+
+def _split_fractions(cfg: Config) -> dict[str, float]:
+    sp = cfg.fit.split
+    return {"train": float(sp.train), "val": float(sp.val), "test": float(sp.test)}
+
+
+def _run_stages(cfg: Config, run: RunDir, target: Target, nat: NaturalData, splits: Splits, recorder, device: torch.device, timer: Timer) -> dict[str, Any]:
+    from synth.surrogate.fit import fit_surrogate, predict
+    from synth.surrogate.model import Surrogate
+
+    site_ids = np.asarray(target.site_ids).astype(str)
+    y = torch.as_tensor(nat.recording.mean().T, dtype=torch.float32)  # (N, S)
+    x = nat.images
+
+    # ---- fit
+    with timer("fit"):
+        ckpt = run.work / "surrogate.pt"
+        if ckpt.exists():
+            log.info("resume: loading fitted surrogate %s", ckpt)
+            model = Surrogate.load(ckpt, device=device)
+            fit_info = json.loads((run.work / "fit.json").read_text())
+        else:
+            model, fit_info = fit_surrogate(
+                cfg.fit,
+                (x[splits.train], y[splits.train]),
+                (x[splits.val], y[splits.val]),
+                site_ids=site_ids,
+                device=device,
+                seed=derive_seed(cfg.seed, "fit"),
+            )
+            _save_json(run.path("fit.json"), fit_info)
+            model.save(run.path("surrogate.pt.tmp"))
+            os.replace(run.work / "surrogate.pt.tmp", ckpt)
+        pred_nat = predict(model, x, device=device)  # (N, S)
+        np.savez(run.path("natural.npz"), stimulus_id=nat.stimulus_id, site_id=site_ids, predicted=pred_nat)
+        test_rec = nat.recording.select(stimuli=nat.stimulus_id[splits.test])
+        median_r, r_sites = _median_r(pred_nat[splits.test], test_rec)
+    fit_report: dict[str, Any] = {
+        "median_r_test": median_r,
+        "n_sites": int(site_ids.size),
+        "n_train_images": int(splits.train.size),
+        "n_val_images": int(splits.val.size),
+        "n_test_images": int(splits.test.size),
+        "per_site_r_test": {s: float(v) for s, v in zip(site_ids, r_sites)},
+        "details": fit_info,
+    }
+    ref = getattr(target, "reference_predictions", None)
+    if callable(ref):
+        ref_pred = ref(x[splits.test], nat.stimulus_id[splits.test])
+        if ref_pred is not None:
+            fit_report["reference_median_r_test"] = _median_r(np.asarray(ref_pred), test_rec)[0]
+
+    # ---- synthesize
+    with timer("synthesize"):
+        stim_dir = _synthesize_stage(cfg, run, model, site_ids, x, pred_nat, device)
+
+    # ---- follow-up recording of the saved PNGs (and the natural set)
+    with timer("followup"):
+        from synth.data.stimuli import read_stimulus_set
+
+        stim = read_stimulus_set(stim_dir)
+        ids = list(stim.stimulus_id)
+        images = stim.images
+        if cfg.followup.record_natural:
+            ids = list(nat.stimulus_id) + ids
+            images = torch.cat([x, images], dim=0)
+        followup = recorder.record(images, ids, n_repeats=cfg.followup.n_repeats, seed=derive_seed(cfg.seed, "followup"))
+        followup.save(run.path("followup.npz"))
+
+    # ---- validate (the same code as `synth validate`)
+    with timer("validate"):
+        from synth.validation.validate import closed_loop_report
+
+        control = closed_loop_report(
+            run.work,
+            followup,
+            natural_ids=list(nat.stimulus_id),
+            n_bootstrap=cfg.validate.n_bootstrap,
+            min_reliability=cfg.validate.min_reliability,
+            seed=derive_seed(cfg.seed, "bootstrap"),
+        )
+    report = {"fit": fit_report}
+    report.update(control)
+    return report
+
+
+def _synthesize_stage(cfg: Config, run: RunDir, model, site_ids: np.ndarray, x_nat: torch.Tensor, pred_nat: np.ndarray, device: torch.device) -> Path:
+    """Synthesize all jobs in checkpointed batches, then write the stimulus set."""
+    from synth.data.stimuli import write_stimulus_set
+    from synth.surrogate.fit import predict
+    from synth.synthesis import Job, ObjectiveContext, synthesize
+
+    sites = list(site_ids) if cfg.stimuli.sites is None else list(cfg.stimuli.sites)
+    unknown = [s for s in sites if s not in set(site_ids)]
+    if unknown:
+        from synth.errors import ConfigError
+
+        raise ConfigError(f"unknown site id '{unknown[0]}'; the target has {len(site_ids)} sites, e.g. {site_ids[0]}", key="stimuli.sites")
+    index = {s: i for i, s in enumerate(site_ids)}
+    jobs: list[Job] = []
+    for kind, on in (("stretch", cfg.stimuli.stretch), ("one_hot", cfg.stimuli.one_hot)):
+        if not on:
+            continue
+        for s in sites:
+            for k in range(cfg.stimuli.seeds_per_target):
+                sid = f"{kind}_{s}_s{k}"
+                jobs.append(Job(stimulus_id=sid, objective=kind, target_site=index[s], seed=derive_seed(cfg.seed, "synth", sid)))
+    lum = x_nat.mean(dim=(1, 2, 3))
+    con = x_nat.flatten(1).std(dim=1)
+    rf = None
+    if hasattr(model, "receptive_fields"):
+        with torch.no_grad():
+            rf = model.receptive_fields().detach().cpu()
+    context = ObjectiveContext(
+        site_ids=site_ids,
+        natural_mean=torch.as_tensor(pred_nat.mean(axis=0), dtype=torch.float32),
+        natural_std=torch.as_tensor(pred_nat.std(axis=0) + 1e-6, dtype=torch.float32),
+        luminance=float(lum.mean()),
+        contrast=float(con.mean()),
+        rf_masks=rf,
+    )
+    channels = 1 if cfg.data.grayscale else 3
+    bs = cfg.stimuli.batch_size
+    batches = [jobs[i : i + bs] for i in range(0, len(jobs), bs)]
+    ck_dir = run.path("checkpoints", "x").parent
+    from synth.runtime import progress
+
+    parts = []
+    for b, batch in enumerate(progress(batches, desc="synthesize batches", total=len(batches))):
+        ck = ck_dir / f"synthesis_batch_{b:04d}.npz"
+        if ck.exists():
+            log.info("resume: batch %d from %s", b, ck)
+            with np.load(ck, allow_pickle=False) as z:
+                parts.append({k: z[k] for k in z.files})
+            continue
+        res = synthesize(model, batch, cfg.synthesis, context=context, image_size=cfg.data.image_size, channels=channels, device=device)
+        part = {
+            "stimulus_id": np.array([j.stimulus_id for j in batch]),
+            "images": res.images,
+            "luminance": np.asarray(res.luminance),
+            "contrast": np.asarray(res.contrast),
+            "steps": np.asarray(res.steps),
+            "objective_value": np.asarray(res.objective_value),
+        }
+        tmp = ck_dir / f".synthesis_batch_{b:04d}.tmp.npz"
+        np.savez(tmp, **part)
+        os.replace(tmp, ck)
+        parts.append(part)
+    merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    assert list(merged["stimulus_id"]) == [j.stimulus_id for j in jobs]
+    images_u8 = merged["images"]
+    # Predictions from the 8-bit images exactly as saved (PNG is lossless).
+    x_saved = torch.as_tensor(images_u8).permute(0, 3, 1, 2).float() / 255.0
+    predicted = predict(model, x_saved, device=device)
+    stim_dir = run.work
+    write_stimulus_set(
+        stim_dir,
+        images_u8,
+        jobs,
+        site_ids,
+        predicted,
+        extra={
+            "luminance": merged["luminance"],
+            "contrast": merged["contrast"],
+            "steps": merged["steps"],
+            "objective_value": merged["objective_value"],
+        },
+    )
+    return stim_dir
+
+
+_LOG_HANDLER: logging.Handler | None = None
+
+
+def _attach_log(path: Path) -> None:
+    global _LOG_HANDLER
+    _detach_log()
+    h = logging.FileHandler(path)
+    h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    h.setLevel(logging.DEBUG)
+    logging.getLogger("synth").addHandler(h)
+    _LOG_HANDLER = h
+
+
+def _detach_log() -> None:
+    global _LOG_HANDLER
+    if _LOG_HANDLER is not None:
+        logging.getLogger("synth").removeHandler(_LOG_HANDLER)
+        _LOG_HANDLER.close()
+        _LOG_HANDLER = None
+
+
+def resume_config(partial: str | os.PathLike) -> tuple[Config, str]:
+    """The resolved config saved in an unfinished run folder."""
+    p = Path(partial) / RESOLVED
+    if not p.exists():
+        raise UserError(f"--resume {partial}: no {RESOLVED} in it; not a synth run folder")
+    return load_config(p), str(p)

@@ -1,0 +1,128 @@
+"""Seeds, device resolution, logging and progress bars (one place for each)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+from typing import Iterable, TypeVar
+
+import numpy as np
+import torch
+
+from synth.errors import DeviceError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_QUIET = False
+
+
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """Resolve ``auto|cpu|cuda|cuda:N`` to a torch.device (DeviceError if unavailable).
+
+    Example:
+        >>> resolve_device("cpu")
+        device(type='cpu')
+    """
+    if isinstance(name, torch.device):
+        return name
+    name = str(name).strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device '{name}' requested but CUDA is not available here; use 'auto' or 'cpu'")
+        dev = torch.device(name)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceError(f"device '{name}' does not exist ({torch.cuda.device_count()} CUDA devices)")
+        return dev
+    raise DeviceError(f"unknown device '{name}'; expected auto, cpu, cuda or cuda:N")
+
+
+def derive_seed(seed: int, *names: object) -> int:
+    """Derive a stable 31-bit seed from a base seed and names (stage, site, index...).
+
+    The same inputs always give the same seed, on every machine and Python version.
+    """
+    h = hashlib.sha256(repr((int(seed),) + tuple(str(n) for n in names)).encode()).digest()
+    return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch global generators (code should still prefer explicit ones)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def torch_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """An explicit, seeded torch.Generator on ``device``."""
+    g = torch.Generator(device=device)
+    g.manual_seed(int(seed))
+    return g
+
+
+def set_quiet(quiet: bool) -> None:
+    """Hide progress bars (``--quiet``)."""
+    global _QUIET
+    _QUIET = bool(quiet)
+
+
+def progress(iterable: Iterable[T] | None = None, *, desc: str = "", total: int | None = None, leave: bool = False):
+    """A tqdm progress bar on stderr, silent under ``--quiet`` or when not a terminal in CI."""
+    from tqdm.auto import tqdm
+
+    disable = _QUIET or os.environ.get("SYNTH_NO_PROGRESS") == "1"
+    return tqdm(iterable, desc=desc, total=total, leave=leave, disable=disable, dynamic_ncols=True)
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """SHA-256 hex digest of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def array_sha256(*arrays: np.ndarray) -> str:
+    """SHA-256 of arrays' bytes, shapes and dtypes (for cache keys and provenance)."""
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(str((a.shape, a.dtype.str)).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def versions() -> dict[str, str]:
+    """Versions of synth and its main dependencies (recorded in every run folder)."""
+    import platform
+
+    import scipy
+    import torchvision
+
+    import synth
+
+    out = {
+        "synth": synth.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": np.__version__,
+        "scipy": scipy.__version__,
+    }
+    try:
+        import kornia
+
+        out["kornia"] = kornia.__version__
+    except Exception:  # pragma: no cover - optional at import time
+        pass
+    return out
