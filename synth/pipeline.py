@@ -264,6 +264,16 @@ def _run_stages(cfg: Config, run: RunDir, target: Target, nat: NaturalData, spli
     with timer("synthesize"):
         stim_dir = _synthesize_stage(cfg, run, model, site_ids, x, pred_nat, device)
 
+    report: dict[str, Any] = {"fit": fit_report}
+    if recorder is None:
+        log.warning(
+            "this target has no simulated recorder: show %s/stimuli on the rig, then run "
+            "`synth validate --predictions <run>/stimuli.npz --recordings REC --stimuli <run> --out DIR`",
+            run.final,
+        )
+        report["followup"] = None
+        return report
+
     # ---- follow-up recording of the saved PNGs (and the natural set)
     with timer("followup"):
         from synth.data.stimuli import read_stimulus_set
@@ -289,7 +299,6 @@ def _run_stages(cfg: Config, run: RunDir, target: Target, nat: NaturalData, spli
             min_reliability=cfg.validate.min_reliability,
             seed=derive_seed(cfg.seed, "bootstrap"),
         )
-    report = {"fit": fit_report}
     report.update(control)
     return report
 

@@ -25,6 +25,7 @@ _TARGET_KEYS = ("name", "kind", "description", "params")
 
 def _register_builtin() -> None:
     # Importing the modules registers their builders in TARGETS.
+    import synth.populations.lab  # noqa: F401
     import synth.populations.twins  # noqa: F401
     import synth.populations.virtual  # noqa: F401
 

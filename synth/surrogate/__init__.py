@@ -1,1 +1,19 @@
-"""synth.surrogate."""
+"""synth.surrogate: brain-mapped CNN surrogates (backbone + per-site readout).
+
+Public API:
+
+- :class:`~synth.surrogate.fit.FitConfig` (the ``fit`` config section),
+  :func:`~synth.surrogate.fit.fit_surrogate`, :func:`~synth.surrogate.fit.predict`
+- :class:`~synth.surrogate.model.Surrogate` (``save`` / ``Surrogate.load``,
+  ``receptive_fields``)
+- :func:`~synth.surrogate.fit.fit_core` / :func:`~synth.surrogate.fit.save_core`: a small
+  core shared by several sessions, reused with ``backbone: pretrained_core``
+- registries ``BACKBONES`` (backbones.py) and ``READOUTS`` (readouts.py)
+"""
+
+from synth.surrogate.backbones import BACKBONES
+from synth.surrogate.fit import FitConfig, SplitConfig, fit_core, fit_surrogate, predict, save_core
+from synth.surrogate.model import Surrogate
+from synth.surrogate.readouts import READOUTS
+
+__all__ = ["BACKBONES", "READOUTS", "FitConfig", "SplitConfig", "Surrogate", "fit_core", "fit_surrogate", "predict", "save_core"]

@@ -1,0 +1,593 @@
+"""Real V4 sessions (Cowley et al. 2023) with per-neuron "digital twins" as follow-up recorder.
+
+The compact models published with the data (one small CNN per recorded neuron of
+sessions 190923 and 201025) stand in for the follow-up recording: each is calibrated to
+its neuron with a linear fit on the session's natural images, and ``record`` draws
+Poisson spike counts around the calibrated rate.
+
+Rule: a session's own twins are only its follow-up recorder; they are never used to fit
+or select its surrogate (the surrogate sees only the recorded natural responses).
+
+Twin architecture (input N x 3 x 112 x 112, RGB 0..255 minus the channel means
+116.222, 109.270, 100.381)::
+
+    layer 0     5x5 conv ('same', bias) -> BatchNorm -> ReLU                 112 x 112
+    layers 1-2  pad (l1, r3, t1, b3) -> 5x5 depthwise stride 2 -> 1x1 conv (bias)
+                -> BatchNorm -> ReLU                                          56, 28
+    layers 3-4  5x5 depthwise ('same') -> 1x1 conv (bias) -> BatchNorm -> ReLU  28
+    readout     permute to N x H x W x C -> flatten -> linear (1 unit)
+
+BatchNorm is in inference mode. The models were trained in Keras (BatchNorm epsilon
+1e-3), but the published torch files already carry that epsilon inside
+``running_var`` (every one of the 14,535 stored variances is >= 1.0e-3, with the density
+piling up just above 1.0e-3, as ``var + 1e-3`` would), and the authors' own PyTorch class
+uses torch's default epsilon 1e-5. So ``BN_EPS = 1e-5`` here: on session 201025 it gives
+a median r of 0.708 with the recorded responses (79 of 89 twins better) against 0.693
+with 1e-3, which would count the Keras epsilon twice. ``bn_eps`` can be set. ``CompactTwin`` is this
+architecture as written (it loads the published state dicts); ``TwinEnsemble`` computes
+all twins of a session with BatchNorm folded into the convolutions, channels-last
+memory and small image blocks (the 112 x 112 layer-0 maps then stay in cache), which is
+several times faster on a CPU and agrees with ``CompactTwin`` to rounding.
+
+Twin ``compact_model_<session>_neuron<k>.pt`` models row ``k`` (0-based) of the
+session's response arrays, i.e. site ``"<session>_n<k:03d>"`` (checked on the data: the
+0-based assignment gives the high correlations, see ``tests/populations/test_twins.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from synth.data import cowley
+from synth.data.recordings import Recording
+from synth.errors import ConfigError, DataError
+from synth.populations.base import TARGETS, NaturalData
+from synth.runtime import array_sha256, derive_seed, file_sha256, progress
+
+log = logging.getLogger(__name__)
+
+#: Per-channel RGB means subtracted from 0..255 pixel values.
+CHANNEL_MEANS = (116.222, 109.270, 100.381)
+#: BatchNorm epsilon for the published torch files (Keras' 1e-3 is already in running_var;
+#: see the module docstring).
+BN_EPS = 1e-5
+#: Keras' default BatchNormalization epsilon (what the models were trained with).
+KERAS_BN_EPS = 1e-3
+#: Input side length of the twins.
+TWIN_SIZE = 112
+#: Bump when the twin computation changes (invalidates cached twin outputs).
+IMPL_VERSION = 2
+_N_LAYERS = 5
+#: Twin evaluations (images x twins) from which ``TwinRecorder.expected`` caches outputs.
+_CACHE_MIN = 20000
+
+
+def cache_dir() -> Path:
+    """Cache folder for derived data: ``$SYNTH_CACHE_DIR`` or ``~/.cache/synth``."""
+    return Path(os.environ.get("SYNTH_CACHE_DIR") or Path.home() / ".cache" / "synth")
+
+
+# --------------------------------------------------------------------------- models
+
+
+def channel_counts(state: dict[str, torch.Tensor]) -> list[int]:
+    """Filters per layer (5 ints) read from a compact-model state dict."""
+    counts = [int(state["layers.layer0_conv.weight"].shape[0])]
+    counts += [int(state[f"layers.layer{i}_conv_point.weight"].shape[0]) for i in range(1, _N_LAYERS)]
+    return counts
+
+
+class CompactTwin(nn.Module):
+    """One compact model, written as published (the reference implementation).
+
+    Args:
+        nums_filters: filters of layers 0..4 (``channel_counts(state)``).
+        bn_eps: BatchNorm epsilon (see ``BN_EPS``).
+
+    Shape:
+        input: (N, 3, 112, 112) pixel values 0..255 minus ``CHANNEL_MEANS``.
+        output: (N,)
+    """
+
+    def __init__(self, nums_filters: Sequence[int], *, bn_eps: float = BN_EPS):
+        super().__init__()
+        c = [int(n) for n in nums_filters]
+        if len(c) != _N_LAYERS:
+            raise ValueError(f"expected {_N_LAYERS} filter counts, got {c}")
+        layers: dict[str, nn.Module] = {
+            "layer0_conv": nn.Conv2d(3, c[0], 5, padding=2, bias=True),
+            "layer0_bn": nn.BatchNorm2d(c[0], eps=bn_eps),
+        }
+        for i in range(1, _N_LAYERS):
+            stride, pad = (2, 0) if i <= 2 else (1, 2)
+            layers[f"layer{i}_conv_depth"] = nn.Conv2d(c[i - 1], c[i - 1], 5, stride=stride, padding=pad, groups=c[i - 1], bias=False)
+            layers[f"layer{i}_conv_point"] = nn.Conv2d(c[i - 1], c[i], 1, bias=True)
+            layers[f"layer{i}_bn"] = nn.BatchNorm2d(c[i], eps=bn_eps)
+        layers["Beta"] = nn.Linear(c[-1] * 28 * 28, 1)
+        self.layers = nn.ModuleDict(layers)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        L = self.layers
+        h = F.relu(L["layer0_bn"](L["layer0_conv"](x)))
+        for i in range(1, _N_LAYERS):
+            if i <= 2:
+                h = F.pad(h, (1, 3, 1, 3))  # left, right, top, bottom (Keras 'same', stride 2)
+            h = F.relu(L[f"layer{i}_bn"](L[f"layer{i}_conv_point"](L[f"layer{i}_conv_depth"](h))))
+        h = h.permute(0, 2, 3, 1).flatten(1)
+        return L["Beta"](h)[:, 0]
+
+
+def read_twin_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load a compact-model state dict; DataError naming the file if unreadable."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # RuntimeError, pickle errors, EOFError, zip errors...
+        raise DataError(f"{path}: not a readable torch state dict ({type(err).__name__}: {err})") from None
+    if not isinstance(state, dict):
+        raise DataError(f"{path}: expected a state dict, got {type(state).__name__}")
+    need = ["layers.layer0_conv.weight", "layers.layer0_conv.bias", "layers.Beta.weight", "layers.Beta.bias"]
+    for i in range(_N_LAYERS):
+        need += [f"layers.layer{i}_bn.{k}" for k in ("weight", "bias", "running_mean", "running_var")]
+        if i:
+            need += [f"layers.layer{i}_conv_depth.weight", f"layers.layer{i}_conv_point.weight", f"layers.layer{i}_conv_point.bias"]
+    missing = [k for k in need if k not in state]
+    if missing:
+        raise DataError(f"{path}: not a compact-model state dict (missing {missing[0]})")
+    return state
+
+
+def compact_twin(state: dict[str, torch.Tensor], *, dtype: torch.dtype = torch.float64, bn_eps: float = BN_EPS) -> CompactTwin:
+    """A ``CompactTwin`` holding ``state`` (strict key match)."""
+    m = CompactTwin(channel_counts(state), bn_eps=bn_eps).to(torch.float64)  # load at full precision
+    m.load_state_dict(state, strict=True)
+    return m.to(dtype).eval()
+
+
+class _FoldedTwin(nn.Module):
+    """One twin with BatchNorm folded into the preceding convolution (inference only)."""
+
+    def __init__(self, state: dict[str, torch.Tensor], dtype: torch.dtype, bn_eps: float = BN_EPS):
+        super().__init__()
+        s = {k: v.detach().to(torch.float64) for k, v in state.items()}
+        for i in range(_N_LAYERS):
+            g, b = s[f"layers.layer{i}_bn.weight"], s[f"layers.layer{i}_bn.bias"]
+            m, v = s[f"layers.layer{i}_bn.running_mean"], s[f"layers.layer{i}_bn.running_var"]
+            scale = g / torch.sqrt(v + bn_eps)
+            conv = "layer0_conv" if i == 0 else f"layer{i}_conv_point"
+            w, bias = s[f"layers.{conv}.weight"], s[f"layers.{conv}.bias"]
+            self.register_buffer(f"w{i}", (w * scale.view(-1, 1, 1, 1)).to(dtype))
+            self.register_buffer(f"b{i}", ((bias - m) * scale + b).to(dtype))
+            if i:
+                self.register_buffer(f"d{i}", s[f"layers.layer{i}_conv_depth.weight"].to(dtype))
+        c4 = int(s["layers.layer4_conv_point.weight"].shape[0])
+        beta = s["layers.Beta.weight"].reshape(28, 28, c4).permute(2, 0, 1)  # NHWC flatten order -> (C, H, W)
+        self.register_buffer("beta", beta.contiguous().to(dtype))
+        self.register_buffer("beta_b", s["layers.Beta.bias"].reshape(()).to(dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw output of the twin.
+
+        Shape:
+            x: (N, 3, 119, 119): the preprocessed input padded by (3, 4, 3, 4)
+                (``_pad_input``), so that layer 0 is computed directly on the padded
+                grid that the first stride-2 depthwise convolution reads (positions
+                -1 .. 113, no copy of the layer-0 maps for padding); the border
+                positions are then zeroed, as the (1, 3, 1, 3) zero padding would be.
+            returns: (N,)
+        """
+        h = F.conv2d(x, self.w0, self.b0)  # (N, C0, 115, 115): positions -1 .. 113
+        # zero the border before the ReLU (relu(0) = 0), which keeps autograd valid
+        h[:, :, 0].zero_()
+        h[:, :, -2:].zero_()
+        h[:, :, :, 0].zero_()
+        h[:, :, :, -2:].zero_()
+        h = h.relu_()
+        for i in range(1, _N_LAYERS):
+            d = getattr(self, f"d{i}")
+            if i == 1:
+                h = F.conv2d(h, d, stride=2, groups=d.shape[0])
+            elif i == 2:
+                h = F.conv2d(F.pad(h, (1, 3, 1, 3)), d, stride=2, groups=d.shape[0])
+            else:
+                h = F.conv2d(h, d, padding=2, groups=d.shape[0])
+            h = _pointwise(h, getattr(self, f"w{i}"), getattr(self, f"b{i}")).relu_()
+        return (h * self.beta).sum(dim=(1, 2, 3)) + self.beta_b
+
+
+def _pad_input(x: torch.Tensor) -> torch.Tensor:
+    """Pad the preprocessed input for ``_FoldedTwin`` (3 left/top, 4 right/bottom)."""
+    return F.pad(x, (3, 4, 3, 4))
+
+
+def _pointwise(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """1x1 convolution as a matrix product over channels (fast in channels-last layout)."""
+    if h.is_contiguous(memory_format=torch.channels_last) and not h.is_contiguous():
+        y = F.linear(h.permute(0, 2, 3, 1), w.flatten(1), b)  # (N, H, W, O), no copy
+        return y.permute(0, 3, 1, 2)  # channels-last NCHW view
+    return F.conv2d(h, w, b)
+
+
+def preprocess(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[0, 1] images -> the twins' input: 112 x 112 RGB, 0..255 minus channel means.
+
+    Grayscale (C = 1) is replicated to 3 channels; other sizes are resized (bilinear,
+    antialiased).
+
+    Shape:
+        images: (N, C, H, W), C in {1, 3}.
+        returns: (N, 3, 112, 112) in ``dtype``.
+    """
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise DataError(f"twins need images of shape (N, 1 or 3, H, W), got {tuple(images.shape)}")
+    x = images.to(dtype)
+    if x.shape[-2:] != (TWIN_SIZE, TWIN_SIZE):
+        x = F.interpolate(x, size=(TWIN_SIZE, TWIN_SIZE), mode="bilinear", align_corners=False, antialias=True)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    means = torch.tensor(CHANNEL_MEANS, dtype=dtype, device=x.device).view(1, 3, 1, 1)
+    return x * 255.0 - means
+
+
+class TwinEnsemble(nn.Module):
+    """All digital twins of a session, computed together.
+
+    Args:
+        states: compact-model state dicts, one per twin (output column order).
+        site_ids: (T,) site id of each twin.
+        dtype: compute dtype (float32 default; float64 reproduces the published weights'
+            precision).
+        block: images per block (default: 2 on CPU, where small blocks keep the layer-0
+            maps in cache; 256 on CUDA).
+        files: the weight files (for provenance).
+        weights_sha256: SHA-256 of the weight files (for cache keys).
+        bn_eps: BatchNorm epsilon (see ``BN_EPS``).
+
+    Shape:
+        input: (N, C, H, W) float in [0, 1], C = 1 or 3, any size (resized to 112).
+        output: (N, T) raw (uncalibrated) twin outputs, in ``dtype``.
+    """
+
+    def __init__(self, states: Sequence[dict[str, torch.Tensor]], site_ids: Sequence[str], *, dtype: torch.dtype = torch.float32, block: int | None = None, files: Sequence[str] = (), weights_sha256: Sequence[str] = (), bn_eps: float = BN_EPS):
+        super().__init__()
+        if len(states) != len(site_ids):
+            raise ValueError(f"{len(states)} twins but {len(site_ids)} site ids")
+        self.twins = nn.ModuleList([_FoldedTwin(s, dtype, bn_eps) for s in states])
+        self.bn_eps = float(bn_eps)
+        self.site_ids = np.asarray(site_ids).astype(str)
+        self.dtype = dtype
+        self.block = block
+        self.files = [str(f) for f in files]
+        self.weights_sha256 = list(weights_sha256)
+        self.eval()
+
+    @property
+    def n_twins(self) -> int:
+        return len(self.twins)
+
+    def _device(self) -> torch.device:
+        return self.twins[0].w0.device if self.n_twins else torch.device("cpu")
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        dev = self._device()
+        x = _pad_input(preprocess(images.to(dev), self.dtype))
+        cpu = dev.type == "cpu"
+        block = self.block or (2 if cpu else 256)
+        n = x.shape[0]
+        out = x.new_empty((n, self.n_twins))
+        starts = range(0, n, block)
+        bar = progress(starts, desc="twins", total=len(starts)) if n * self.n_twins >= 20000 else starts
+        for i in bar:
+            xb = x[i : i + block]
+            if cpu and self.dtype == torch.float32:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            for t, twin in enumerate(self.twins):
+                out[i : i + block, t] = twin(xb)
+        return out
+
+    def cache_key(self, images: torch.Tensor) -> str:
+        """SHA-256 naming the outputs of these twins on these images (for caching)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        h.update(f"twins-v{IMPL_VERSION}-{self.dtype}-eps{self.bn_eps!r}".encode())
+        for s in self.weights_sha256 or [array_sha256(*(b.detach().cpu().numpy() for b in t.buffers())) for t in self.twins]:
+            h.update(s.encode())
+        h.update(array_sha256(images.detach().cpu().float().numpy()).encode())
+        return h.hexdigest()
+
+    def outputs_cached(self, images: torch.Tensor, *, cache: bool = True) -> np.ndarray:
+        """Twin outputs (N, T) on ``images``, read from / written to ``cache_dir()/twins``."""
+        if not cache:
+            with torch.no_grad():
+                return self(images).cpu().numpy()
+        path = cache_dir() / "twins" / f"{self.cache_key(images)}.npy"
+        if path.exists():
+            try:
+                arr = np.load(path, allow_pickle=False)
+                if arr.shape == (images.shape[0], self.n_twins):
+                    log.info("twin outputs read from cache %s", path)
+                    return arr
+            except Exception as err:  # a damaged cache file is recomputed
+                log.warning("ignoring unreadable cache file %s (%s)", path, err)
+        with torch.no_grad():
+            arr = self(images).cpu().numpy()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+            with open(tmp, "wb") as f:
+                np.save(f, arr)
+            os.replace(tmp, path)
+            log.info("twin outputs cached in %s", path)
+        except OSError as err:
+            log.warning("cannot write twin cache %s (%s)", path, err)
+        return arr
+
+
+def load_twins(root: str | os.PathLike, session: str, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, neurons: Sequence[int] | None = None, block: int | None = None, bn_eps: float = BN_EPS) -> TwinEnsemble:
+    """Load the digital twins of a session.
+
+    Args:
+        root: Cowley 2023 data root.
+        session: session id (twins exist for 190923 and 201025).
+        device: where to compute.
+        dtype: float32 (default) or float64.
+        neurons: neuron indices k to load (default: all files of the session).
+        block: images per block (see ``TwinEnsemble``).
+        bn_eps: BatchNorm epsilon (see ``BN_EPS``).
+
+    Returns:
+        A TwinEnsemble whose column t is neuron ``neurons[t]``, site
+        ``"<session>_n<k:03d>"``.
+
+    Raises:
+        DataError: no twin files for the session, a requested neuron without a file, an
+            unreadable file.
+    """
+    session = str(session)
+    files = cowley.twin_files(root, session)
+    if not files:
+        have = cowley.twin_sessions(root) if Path(root).is_dir() else []
+        raise DataError(
+            f"{Path(root) / cowley.MODELS_DIR}: no compact models for session {session} "
+            f"(sessions with twins: {', '.join(have) or 'none'})"
+        )
+    ks = list(files) if neurons is None else [int(k) for k in neurons]
+    missing = [k for k in ks if k not in files]
+    if missing:
+        raise DataError(f"{Path(root) / cowley.MODELS_DIR}: no compact_model_{session}_neuron{missing[0]}.pt")
+    states = [read_twin_state(files[k]) for k in ks]
+    shas = [file_sha256(files[k]) for k in ks]
+    ids = [f"{session}_n{k:03d}" for k in ks]
+    ens = TwinEnsemble(states, ids, dtype=dtype, block=block, files=[str(files[k]) for k in ks], weights_sha256=shas, bn_eps=bn_eps)
+    return ens.to(device)
+
+
+# --------------------------------------------------------------------------- recorder
+
+
+def fit_linear(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column least-squares line ``y ~ slope * x + intercept``.
+
+    Shape:
+        x, y: (N, S).
+        returns: slope (S,), intercept (S,). A constant column of ``x`` gets slope 0 and
+        the mean of ``y``.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 2:
+        raise ValueError(f"x and y must have the same (N, S) shape, got {x.shape} and {y.shape}")
+    xm, ym = x.mean(0), y.mean(0)
+    xc = x - xm
+    var = (xc**2).sum(0)
+    cov = (xc * (y - ym)).sum(0)
+    slope = np.divide(cov, var, out=np.zeros_like(cov), where=var > 1e-12 * np.maximum(1.0, (x**2).sum(0)))
+    return slope, ym - slope * xm
+
+
+@dataclass
+class TwinRecorder:
+    """Follow-up recorder made of calibrated digital twins (implements ``Recorder``).
+
+    ``expected(x) = max(0, slope * twin(x) + intercept)`` per site; ``record`` draws
+    Poisson counts around it (or returns it exactly with ``noise="none"``). Noise for an
+    image depends only on ``(seed, stimulus_id)``.
+    """
+
+    ensemble: TwinEnsemble
+    slope: np.ndarray
+    intercept: np.ndarray
+    noise: Literal["poisson", "none"] = "poisson"
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.site_ids = self.ensemble.site_ids.copy()
+        self.areas = np.array([cowley.AREA] * self.site_ids.size)
+        self.slope = np.asarray(self.slope, dtype=np.float64)
+        self.intercept = np.asarray(self.intercept, dtype=np.float64)
+        if self.noise not in ("poisson", "none"):
+            raise ConfigError(f"expected 'poisson' or 'none', got {self.noise!r}", key="followup_noise")
+
+    @classmethod
+    def calibrate(cls, ensemble: TwinEnsemble, images: torch.Tensor, recording: Recording, *, noise: Literal["poisson", "none"] = "poisson", cache: bool = True) -> "TwinRecorder":
+        """Fit each twin's line to its neuron's repeat-averaged responses on ``images``.
+
+        Args:
+            ensemble: the twins.
+            images: (N, 3, H, W) in [0, 1]: the images the neurons were recorded with.
+            recording: responses to them (same stimulus order), containing every twin's
+                site id.
+            noise: trial noise of ``record``.
+            cache: reuse / store twin outputs under ``cache_dir()``.
+        """
+        rec = recording.select(sites=ensemble.site_ids)
+        y = rec.mean().T  # (N, S)
+        if y.shape[0] != images.shape[0]:
+            raise DataError(f"{images.shape[0]} images but the recording has {y.shape[0]} stimuli")
+        raw = ensemble.outputs_cached(images, cache=cache).astype(np.float64)
+        slope, intercept = fit_linear(raw, y)
+        from synth.validation.metrics import pearson_per_site
+
+        r = pearson_per_site(raw.T, y.T)  # (S, N) rows
+        info = {
+            "n_images": int(y.shape[0]),
+            "median_r": float(np.nanmedian(r)),
+            "r": {s: float(v) for s, v in zip(ensemble.site_ids, r)},
+            "files": ensemble.files,
+        }
+        log.info("twins calibrated on %d images: median r with the recording %.3f", y.shape[0], info["median_r"])
+        return cls(ensemble=ensemble, slope=slope, intercept=intercept, noise=noise, info=info)
+
+    def to(self, device: torch.device | str) -> "TwinRecorder":
+        """Compute the twins on ``device`` (they start on the CPU)."""
+        self.ensemble.to(device)
+        return self
+
+    def expected(self, images: torch.Tensor) -> torch.Tensor:
+        """Calibrated mean responses, clipped at 0.
+
+        Twins run where the recorder was put (``to``), or on ``images.device`` when that
+        is a GPU. Large image sets (e.g. the natural set re-recorded in every run) are
+        cached under ``cache_dir()``.
+
+        Shape:
+            images: (N, C, H, W) in [0, 1], C = 1 or 3.
+            returns: (N, S) float32 on ``images.device``.
+        """
+        if images.device.type != "cpu" and self.ensemble._device() != images.device:
+            self.ensemble.to(images.device)
+        big = images.shape[0] * self.ensemble.n_twins >= _CACHE_MIN
+        raw = self.ensemble.outputs_cached(images, cache=big).astype(np.float64)
+        out = np.maximum(raw * self.slope + self.intercept, 0.0)
+        return torch.as_tensor(out, dtype=torch.float32, device=images.device)
+
+    def record(self, images: torch.Tensor, stimulus_ids: Sequence[str], *, n_repeats: int, seed: int) -> Recording:
+        """Responses with trial noise: a Recording of (S, N, n_repeats) spike counts."""
+        ids = [str(s) for s in stimulus_ids]
+        if len(ids) != images.shape[0]:
+            raise ValueError(f"{images.shape[0]} images but {len(ids)} stimulus ids")
+        if n_repeats < 1:
+            raise ValueError(f"n_repeats must be >= 1, got {n_repeats}")
+        mean = self.expected(images).cpu().numpy().astype(np.float64)  # (N, S)
+        if self.noise == "none":
+            resp = np.repeat(mean.T[:, :, None], n_repeats, axis=2)
+        else:
+            resp = np.empty((mean.shape[1], mean.shape[0], n_repeats))
+            for j, sid in enumerate(ids):
+                rng = np.random.default_rng(derive_seed(seed, "twins-poisson", sid))
+                resp[:, j, :] = rng.poisson(mean[j][:, None], size=(mean.shape[1], n_repeats))
+        return Recording(stimulus_id=np.array(ids), site_id=self.site_ids, responses=resp, areas=self.areas)
+
+
+# --------------------------------------------------------------------------- target
+
+
+def twin_sessions(root: str | os.PathLike) -> list[str]:
+    """Sessions under ``root`` that have digital twins."""
+    return cowley.twin_sessions(root)
+
+
+@dataclass
+class Cowley2023Target:
+    """One recording session of Cowley et al. (2023); digital twins as follow-up recorder.
+
+    ``natural`` returns the session's images and repeat-averaged responses; ``recorder``
+    returns the session's twins calibrated on those images (RGB, native 112 px, as
+    recorded), whatever display format the experiment uses.
+    """
+
+    root: str
+    session: str
+    image_size: int = cowley.NATIVE_SIZE
+    followup: Literal["twins"] = "twins"
+    followup_noise: Literal["poisson", "none"] = "poisson"
+    name: str = "cowley2023"
+
+    def __post_init__(self) -> None:
+        path = cowley.averaged_path(self.root, self.session)
+        if not path.exists():
+            raise DataError(f"{path}: response file not found")
+        try:
+            shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
+        except Exception as err:
+            raise DataError(f"{path}: not a readable .npy array ({type(err).__name__}: {err})") from None
+        if len(shape) != 2:
+            raise DataError(f"{path}: expected (neurons, images) responses, got shape {shape}")
+        self.site_ids = cowley.site_ids(self.session, int(shape[0]))
+        self.areas = np.array([cowley.AREA] * self.site_ids.size)
+        self._recorder: TwinRecorder | None = None
+
+    def natural(self, *, image_size: int | None = None, grayscale: bool = False, seed: int = 0) -> NaturalData:  # noqa: ARG002
+        """The session's images at ``image_size`` (default: the target's) and its recording."""
+        size = int(image_size or self.image_size)
+        ids, x, rec = cowley.load_session(self.root, self.session, image_size=size, grayscale=grayscale)
+        files = [cowley.images_path(self.root, self.session), cowley.averaged_path(self.root, self.session)]
+        info = {
+            "dataset": "cowley2023",
+            "root": str(self.root),
+            "session": self.session,
+            "raw_repeats_available": cowley.raw_path(self.root, self.session).exists(),
+            "checksums": {str(p): file_sha256(p) for p in files},
+        }
+        return NaturalData(images=x, recording=rec, stimulus_id=ids, info=info)
+
+    def recorder(self) -> TwinRecorder:
+        """The calibrated digital twins of this session (ConfigError if it has none)."""
+        if self._recorder is not None:
+            return self._recorder
+        files = cowley.twin_files(self.root, self.session)
+        if not files:
+            have = twin_sessions(self.root)
+            raise ConfigError(
+                f"session {self.session} has no digital twins under {Path(self.root) / cowley.MODELS_DIR} "
+                f"(sessions with twins: {', '.join(have) or 'none'}); choose one of those for a simulated follow-up",
+                key="target.session",
+            )
+        expected_k = list(range(self.site_ids.size))
+        if list(files) != expected_k:
+            missing = sorted(set(expected_k) - set(files))
+            extra = sorted(set(files) - set(expected_k))
+            what = f"no twin for neuron {missing[0]}" if missing else f"twin for neuron {extra[0]} but only {self.site_ids.size} recorded neurons"
+            raise DataError(f"{Path(self.root) / cowley.MODELS_DIR}: session {self.session}: {what}")
+        ens = load_twins(self.root, self.session, device="cpu")
+        _, x, rec = cowley.load_session(self.root, self.session, image_size=cowley.NATIVE_SIZE, grayscale=False)
+        self._recorder = TwinRecorder.calibrate(ens, x, rec, noise=self.followup_noise)
+        return self._recorder
+
+
+@TARGETS.register("cowley2023")
+def build_cowley2023(*, root: str, session: str, image_size: int = cowley.NATIVE_SIZE, followup: Literal["twins"] = "twins", followup_noise: Literal["poisson", "none"] = "poisson", name: str = "cowley2023") -> Cowley2023Target:
+    """Builder for ``kind: cowley2023`` (see targets/cowley2023.yaml).
+
+    Args:
+        root: data root (the layout of ``synth data fetch cowley2023``).
+        session: recording session id, e.g. ``"201025"``.
+        image_size: display size of the natural images (native 112).
+        followup: follow-up recorder (only ``"twins"``).
+        followup_noise: ``"poisson"`` spike counts or ``"none"`` (expected responses).
+    """
+    session = str(session)
+    if followup != "twins":
+        raise ConfigError(f"expected 'twins', got {followup!r}", key="params.followup")
+    if followup_noise not in ("poisson", "none"):
+        raise ConfigError(f"expected 'poisson' or 'none', got {followup_noise!r}", key="params.followup_noise")
+    if int(image_size) < 16:
+        raise ConfigError(f"expected an integer >= 16, got {image_size!r}", key="params.image_size")
+    if not Path(root).is_dir():
+        raise ConfigError(f"data root not found: {root} (get it with `synth data fetch cowley2023 --root {root}`)", key="target.root")
+    sessions = cowley.list_sessions(root)
+    if session not in sessions:
+        from synth.registry import did_you_mean
+
+        raise ConfigError(f"no session '{session}' under {root}{did_you_mean(session, sessions)}; sessions present: {', '.join(sessions) or '(none)'}", key="target.session")
+    return Cowley2023Target(root=str(root), session=session, image_size=int(image_size), followup=followup, followup_noise=followup_noise, name=name)

@@ -1,0 +1,167 @@
+"""Image parameterizations: what the optimizer changes, and how it becomes an image.
+
+A parameterization is a small stateless module. The engine keeps the parameters of all
+images in one tensor ``(N, *param_shape)`` and renders any subset of rows::
+
+    param = PARAMS.build({"name": "fourier"}, channels=1, size=64)
+    p = torch.stack([param.init(torch_generator(seed)) for seed in seeds])  # (N, ...)
+    images = param(p)                                                      # (N, 1, 64, 64)
+
+``pixel``
+    One free value per pixel and channel.
+``fourier``
+    The image's 2-D real Fourier spectrum, with every frequency's coefficient scaled by
+    ``1 / f ** decay_power`` (natural images have a ~1/f amplitude spectrum). Gradient
+    steps on these coefficients are steps preconditioned towards natural image
+    statistics: low frequencies move fast, pixel noise slowly (the idea of Olah et al.
+    2017, "Feature visualization"; implemented here from scratch).
+
+For RGB images both can decorrelate colour: the three parameter channels are
+independent opponent components (luminance, red-green, blue-yellow) mixed into RGB with
+amplitudes 1 : 0.3 : 0.15, roughly the relative spread of these components in natural
+photographs. Values are mapped into [0, 1] by ``output``: ``sigmoid`` (smooth, default)
+or ``clamp`` (``x + 0.5`` clipped).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from synth.registry import Registry
+
+#: name -> builder(**kwargs, channels=C, size=H) -> ImageParam
+PARAMS: Registry = Registry("image parameterization")
+
+_OUTPUTS = ("sigmoid", "clamp")
+
+#: opponent colour basis (columns: luminance, red-green, blue-yellow), orthonormal
+_OPPONENT = torch.tensor(
+    [
+        [1 / math.sqrt(3), 1 / math.sqrt(2), 1 / math.sqrt(6)],
+        [1 / math.sqrt(3), -1 / math.sqrt(2), 1 / math.sqrt(6)],
+        [1 / math.sqrt(3), 0.0, -2 / math.sqrt(6)],
+    ]
+)
+#: relative amplitudes of the opponent components in natural images
+_OPPONENT_AMPLITUDE = torch.tensor([1.0, 0.3, 0.15])
+
+
+def color_matrix() -> torch.Tensor:
+    """The (3, 3) matrix mixing decorrelated components into RGB (luminance column has norm 1)."""
+    return _OPPONENT * _OPPONENT_AMPLITUDE.view(1, 3)
+
+
+class ImageParam(nn.Module):
+    """Base class: ``init`` one image's parameters, ``forward`` parameters -> images.
+
+    Args:
+        channels: 1 (grayscale) or 3 (RGB).
+        size: image height = width in pixels.
+        output: ``sigmoid`` or ``clamp`` (how values are mapped into [0, 1]).
+        decorrelate: mix opponent colour components into RGB (ignored for C = 1).
+        init_sd: standard deviation of the random initial parameters.
+    """
+
+    def __init__(self, *, channels: int, size: int, output: str, decorrelate: bool, init_sd: float) -> None:
+        super().__init__()
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels}")
+        if output not in _OUTPUTS:
+            raise ValueError(f"output must be one of {', '.join(_OUTPUTS)}, got {output!r}")
+        if init_sd < 0:
+            raise ValueError(f"init_sd must be >= 0, got {init_sd}")
+        self.channels = int(channels)
+        self.size = int(size)
+        self.output = output
+        self.decorrelate = bool(decorrelate) and channels == 3
+        self.init_sd = float(init_sd)
+        self.register_buffer("color", color_matrix(), persistent=False)
+
+    @property
+    def param_shape(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def init(self, generator: torch.Generator) -> torch.Tensor:
+        """One image's initial parameters (on the generator's device), drawn only from ``generator``."""
+        return torch.randn(self.param_shape, generator=generator, device=generator.device) * self.init_sd
+
+    def _to_unit(self, z: torch.Tensor) -> torch.Tensor:
+        if self.decorrelate:
+            z = torch.einsum("rc,nchw->nrhw", self.color.to(z), z)
+        if self.output == "sigmoid":
+            return torch.sigmoid(z)
+        return (z + 0.5).clamp(0.0, 1.0)
+
+    def forward(self, p: torch.Tensor) -> torch.Tensor:
+        """Render images.
+
+        Shape:
+            - p: ``(B, *param_shape)``
+            - returns: ``(B, C, size, size)`` in [0, 1]
+        """
+        raise NotImplementedError
+
+
+class PixelParam(ImageParam):
+    """One parameter per pixel and channel (see module docstring)."""
+
+    @property
+    def param_shape(self) -> tuple[int, ...]:
+        return (self.channels, self.size, self.size)
+
+    def forward(self, p: torch.Tensor) -> torch.Tensor:
+        return self._to_unit(p)
+
+
+class FourierParam(ImageParam):
+    """Real 2-D spectrum scaled by ``1 / max(f, 1/size) ** decay_power`` (see module docstring).
+
+    The scale is normalized to unit RMS over frequencies, so ``init_sd`` and the learning
+    rate mean roughly the same for any image size.
+    """
+
+    def __init__(self, *, decay_power: float, **kw) -> None:
+        super().__init__(**kw)
+        if decay_power < 0:
+            raise ValueError(f"decay_power must be >= 0, got {decay_power}")
+        self.decay_power = float(decay_power)
+        n = self.size
+        fy = torch.fft.fftfreq(n).view(-1, 1)
+        fx = torch.fft.rfftfreq(n).view(1, -1)
+        f = torch.sqrt(fy * fy + fx * fx).clamp_min(1.0 / n)
+        scale = f.pow(-self.decay_power)
+        scale = scale / scale.pow(2).mean().sqrt()
+        # ortho irfft2 of unit-variance coefficients gives pixel std ~ sqrt(2) * rms(scale)
+        self.register_buffer("scale", (scale / math.sqrt(2.0)).float(), persistent=False)
+
+    @property
+    def param_shape(self) -> tuple[int, ...]:
+        return (self.channels, self.size, self.size // 2 + 1, 2)
+
+    def forward(self, p: torch.Tensor) -> torch.Tensor:
+        spec = torch.view_as_complex(p.float().contiguous()) * self.scale.to(p.device)
+        z = torch.fft.irfft2(spec, s=(self.size, self.size), norm="ortho")
+        return self._to_unit(z)
+
+
+@PARAMS.register("pixel")
+def pixel(*, output: str = "sigmoid", decorrelate: bool = False, init_sd: float = 0.01, channels: int, size: int) -> PixelParam:
+    """Pixel parameterization (``output``: sigmoid or clamp)."""
+    return PixelParam(channels=channels, size=size, output=output, decorrelate=decorrelate, init_sd=init_sd)
+
+
+@PARAMS.register("fourier")
+def fourier(
+    *,
+    decay_power: float = 1.0,
+    output: str = "sigmoid",
+    decorrelate: bool = True,
+    init_sd: float = 0.01,
+    channels: int,
+    size: int,
+) -> FourierParam:
+    """Fourier parameterization with 1/f scaling and (RGB) decorrelated colour."""
+    return FourierParam(channels=channels, size=size, output=output, decorrelate=decorrelate, init_sd=init_sd, decay_power=decay_power)

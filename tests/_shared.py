@@ -1,0 +1,44 @@
+"""Helpers shared by test packages: where the licensed Cowley 2023 data live.
+
+The data (GPL-3.0) are never part of the repository: tests read them from
+``$SYNTH_COWLEY_ROOT`` or ``<repo>/../shared/data/cowley2023_v4`` and skip when absent.
+
+Usage (from a test package under tests/, which puts tests/ on sys.path)::
+
+    from _shared import cowley_root, requires_cowley
+
+    @requires_cowley
+    def test_something():
+        root = cowley_root()
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+COWLEY_ENV = "SYNTH_COWLEY_ROOT"
+
+
+def cowley_root() -> Path | None:
+    """The Cowley 2023 data root, or None when it is not present.
+
+    ``$SYNTH_COWLEY_ROOT`` if set, else ``<repo>/../shared/data/cowley2023_v4``; a folder
+    counts as present when it holds ``data_V4_responses/``.
+    """
+    env = os.environ.get(COWLEY_ENV)
+    root = Path(env).expanduser() if env else REPO.parent / "shared" / "data" / "cowley2023_v4"
+    return root.resolve() if (root / "data_V4_responses").is_dir() else None
+
+
+#: Skip marker for tests that need the licensed data.
+requires_cowley = pytest.mark.skipif(
+    cowley_root() is None,
+    reason=(
+        f"Cowley 2023 V4 data not found (set {COWLEY_ENV} or place them at ../shared/data/cowley2023_v4; "
+        "users get them with `synth data fetch cowley2023`)"
+    ),
+)

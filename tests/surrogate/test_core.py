@@ -1,0 +1,68 @@
+import numpy as np
+import pytest
+import torch
+
+from synth.configtools import from_dict
+from synth.errors import ConfigError, DataError
+from synth.surrogate.fit import FitConfig, fit_core, fit_surrogate, predict, save_core
+from synth.surrogate.model import Surrogate
+
+from .helpers import TINY_FIT, toy_brain_responses, toy_images
+
+
+def sessions():
+    out = []
+    for k, n_sites in enumerate((5, 7)):
+        x = toy_images(120, seed=10 + k)
+        y, _ = toy_brain_responses(x, n_sites=n_sites, seed=20 + k)
+        out.append((x, y))
+    return out
+
+
+@pytest.fixture(scope="module")
+def core(tmp_path_factory):
+    cfg = from_dict(FitConfig, {**TINY_FIT, "epochs": 8})
+    core, rep = fit_core(sessions(), cfg, seed=0, names=["a", "b"])
+    path = tmp_path_factory.mktemp("core") / "core.pt"
+    save_core(core, str(path))
+    return core, rep, path
+
+
+def test_fit_core_report(core):
+    _, rep, _ = core
+    assert rep["sessions"] == ["a", "b"]
+    assert set(rep["val_median_r"]) == {"a", "b"}
+    assert rep["n_val"]["a"] == 15 and rep["n_train"]["a"] == 105  # 0.7 : 0.1 of 120
+    first = np.mean(list(rep["history"][0].values()))
+    assert rep["mean_val_median_r"] > first
+
+
+def test_pretrained_core_new_session_frozen(core, tmp_path):
+    c, _, path = core
+    x = toy_images(100, seed=30)
+    y, _ = toy_brain_responses(x, n_sites=4, seed=31)
+    cfg = from_dict(FitConfig, {**TINY_FIT, "backbone": "pretrained_core", "weights": str(path), "backbone_kwargs": {}, "epochs": 4})
+    assert cfg.trains_backbone is False
+    model, rep = fit_surrogate(cfg, (x[:80], y[:80]), (x[80:], y[80:]), site_ids=list("abcd"), seed=0)
+    for k, v in c["state_dict"].items():
+        assert torch.equal(model.backbone.body.state_dict()[k], v), k
+    p = tmp_path / "s.pt"
+    model.save(p)
+    again = Surrogate.load(p)
+    assert np.array_equal(predict(model, x[80:]), predict(again, x[80:]))
+
+
+def test_pretrained_core_errors(tmp_path):
+    with pytest.raises(ConfigError, match="core"):
+        from_dict(FitConfig, {"backbone": "pretrained_core"})
+    other = tmp_path / "x.pt"
+    torch.save({"w": torch.zeros(2)}, other)
+    cfg = from_dict(FitConfig, {**TINY_FIT, "backbone": "pretrained_core", "weights": str(other), "backbone_kwargs": {}})
+    x = toy_images(10)
+    with pytest.raises(DataError, match="x.pt"):
+        fit_surrogate(cfg, (x, torch.rand(10, 2)), (x, torch.rand(10, 2)), site_ids=["a", "b"])
+
+
+def test_fit_core_rejects_torchvision():
+    with pytest.raises(ConfigError, match="small_cnn"):
+        fit_core(sessions(), from_dict(FitConfig, {"backbone": "alexnet", "weights": "x.pth"}))

@@ -1,0 +1,80 @@
+import pytest
+import torch
+
+from synth.errors import ConfigError
+from synth.runtime import torch_generator
+from synth.synthesis import PARAMS
+from synth.synthesis.params import color_matrix
+
+
+@pytest.mark.parametrize("name", ["pixel", "fourier"])
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("output", ["sigmoid", "clamp"])
+def test_shape_range_and_gradient(name, channels, output):
+    param = PARAMS.build({"name": name, "output": output, "init_sd": 0.5}, channels=channels, size=16)
+    p = torch.stack([param.init(torch_generator(s)) for s in range(3)]).requires_grad_(True)
+    x = param(p)
+    assert x.shape == (3, channels, 16, 16)
+    assert float(x.detach().min()) >= 0.0 and float(x.detach().max()) <= 1.0
+    (x * torch.linspace(-1, 1, 16)).sum().backward()
+    assert p.grad is not None and float(p.grad.abs().sum()) > 0
+
+
+@pytest.mark.parametrize("name", ["pixel", "fourier"])
+def test_init_is_seeded(name):
+    param = PARAMS.build(name, channels=3, size=12)
+    a = param.init(torch_generator(7))
+    b = param.init(torch_generator(7))
+    c = param.init(torch_generator(8))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def _radial_power(img: torch.Tensor) -> tuple[float, float]:
+    spec = torch.fft.rfft2(img - img.mean()).abs() ** 2
+    n = img.shape[-1]
+    fy = torch.fft.fftfreq(n).view(-1, 1)
+    fx = torch.fft.rfftfreq(n).view(1, -1)
+    f = torch.sqrt(fx**2 + fy**2)
+    return float(spec[..., (f > 0) & (f < 0.1)].mean()), float(spec[..., f > 0.3].mean())
+
+
+def test_fourier_has_falling_spectrum_and_pixel_is_white():
+    n = 32
+    four = PARAMS.build({"name": "fourier", "output": "clamp", "init_sd": 0.05, "decay_power": 1.0}, channels=1, size=n)
+    pix = PARAMS.build({"name": "pixel", "output": "clamp", "init_sd": 0.05}, channels=1, size=n)
+    g = torch_generator(0)
+    lo_f, hi_f = _radial_power(four(torch.stack([four.init(g) for _ in range(8)])))
+    lo_p, hi_p = _radial_power(pix(torch.stack([pix.init(g) for _ in range(8)])))
+    assert lo_f / hi_f > 20  # 1/f amplitude: power falls by (0.3/0.1)^2 at least
+    assert 0.3 < lo_p / hi_p < 3  # white
+
+
+def test_fourier_preconditions_gradient_steps_towards_low_frequencies():
+    # the same unit step in parameter space moves low frequencies far more than high ones
+    n = 32
+    four = PARAMS.build({"name": "fourier", "output": "clamp", "init_sd": 0.0}, channels=1, size=n)
+    p = torch.zeros(1, *four.param_shape)
+    lo, hi = p.clone(), p.clone()
+    lo[0, 0, 1, 0, 0] = 1.0  # 1 cycle / image
+    hi[0, 0, 12, 10, 0] = 1.0  # ~0.5 cycles / pixel
+    assert float((four(lo) - 0.5).abs().max()) > 5 * float((four(hi) - 0.5).abs().max())
+
+
+def test_decorrelated_colour_mixes_channels():
+    m = color_matrix()
+    assert torch.allclose(m[:, 0].norm(), torch.tensor(1.0))
+    assert torch.allclose(m[:, 0], m[0, 0].expand(3))  # first component is achromatic
+    four = PARAMS.build({"name": "fourier", "output": "clamp", "init_sd": 0.0}, channels=3, size=8)
+    p = torch.zeros(1, *four.param_shape)
+    p[0, 0, 0, 0, 0] = 1.0  # DC of the luminance component only
+    x = four(p)
+    assert torch.allclose(x[0, 0], x[0, 1]) and torch.allclose(x[0, 1], x[0, 2])
+    assert float((x - 0.5).abs().max()) > 0.01
+
+
+def test_bad_arguments_raise_config_error():
+    with pytest.raises(ConfigError, match="decay"):
+        PARAMS.build({"name": "fourier", "decay": 1.0}, channels=1, size=8)
+    with pytest.raises(ConfigError, match="output"):
+        PARAMS.build({"name": "pixel", "output": "tanh"}, channels=1, size=8)
