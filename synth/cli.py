@@ -59,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--min-reliability", type=float, default=None, help="exclude sites with split-half reliability below this")
     v.add_argument("--n-bootstrap", type=int, default=1000, help="bootstrap resamples for confidence intervals")
     v.add_argument("--seed", type=int, default=0, help="seed for split halves and bootstrap")
+    v.add_argument("--n-splits", type=int, default=20, help="random split-halves for reliability (>= 10)")
 
     b = sub.add_parser("bench", parents=[common], help="benchmarks that print figures")
     bsub = b.add_subparsers(dest="bench", metavar="WHAT")
@@ -99,6 +100,18 @@ def _setup_logging(debug: bool, quiet: bool) -> None:
     logger.propagate = False
 
 
+def _in_config(fn, config: str | None):
+    """Run ``fn``; a ConfigError that names a key but no file gets the config file."""
+    from synth.errors import ConfigError
+
+    try:
+        return fn()
+    except ConfigError as err:
+        if err.file is None and err.key and config:
+            raise err.at(file=str(config)) from None
+        raise
+
+
 def _cmd_run(a: argparse.Namespace) -> int:
     from synth.config import load_config
     from synth.pipeline import resume_config, run_pipeline
@@ -109,15 +122,18 @@ def _cmd_run(a: argparse.Namespace) -> int:
     if a.resume:
         if a.config or a.out:
             raise UserError("--resume takes the run folder only (no CONFIG or --out)")
+        from synth.rundir import RunDir
+
+        RunDir.open_partial(a.resume)  # refuse finished or foreign folders before any work
         cfg, path = resume_config(a.resume)
         if overrides:
             raise UserError("--resume repeats the saved config; --set/--device are not allowed with it")
-        final = run_pipeline(cfg, config_path=path, resume=a.resume)
+        final = _in_config(lambda: run_pipeline(cfg, config_path=path, resume=a.resume), path)
     else:
         if not a.config:
             raise UserError("synth run: CONFIG is required (or --resume RUN_DIR)")
         cfg = load_config(a.config, overrides)
-        final = run_pipeline(cfg, config_path=a.config, out=a.out)
+        final = _in_config(lambda: run_pipeline(cfg, config_path=a.config, out=a.out), a.config)
     sys.stdout.write(f"{final}\n")
     return 0
 
@@ -129,7 +145,7 @@ def _cmd_check(a: argparse.Namespace) -> int:
     from synth.pipeline import load_target
 
     cfg = load_config(a.config, a.overrides)
-    target = load_target(cfg, os.path.dirname(os.path.abspath(a.config)))
+    target = _in_config(lambda: load_target(cfg, os.path.dirname(os.path.abspath(a.config))), a.config)
     if a.print_resolved:
         sys.stdout.write(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     sys.stdout.write(f"{a.config}: OK ({target.name}: {len(target.site_ids)} sites)\n")
@@ -141,10 +157,14 @@ def _cmd_validate(a: argparse.Namespace) -> int:
 
     report = run_validate(
         a.predictions, a.recordings, a.out, a.stimuli,
-        min_reliability=a.min_reliability, n_bootstrap=a.n_bootstrap, seed=a.seed,
+        min_reliability=a.min_reliability, n_bootstrap=a.n_bootstrap, seed=a.seed, n_splits=a.n_splits,
     )
     keys = ("median_pearson_r", "median_r2_er", "median_split_half_reliability")
-    sys.stdout.write(" ".join(f"{k}={report.get(k, float('nan')):.3f}" for k in keys) + f"\n{a.out}\n")
+
+    def fmt(v) -> str:
+        return "nan" if v is None else f"{v:.3f}"
+
+    sys.stdout.write(" ".join(f"{k}={fmt(report.get(k))}" for k in keys) + f"\n{a.out}\n")
     return 0
 
 

@@ -172,6 +172,7 @@ def run_pipeline(cfg: Config, *, config_path: str | None = None, out: str | None
         nat = target.natural(image_size=cfg.data.image_size, grayscale=cfg.data.grayscale, seed=derive_seed(cfg.seed, "natural"))
         check_natural(nat, cfg, _target_source(cfg))
         splits = make_splits(nat.images.shape[0], _split_fractions(cfg), cfg.seed)
+        core_plan = plan_core_stage(cfg, target)
         recorder = target.recorder()
 
     run = RunDir.open_partial(resume) if resume else RunDir.create(cfg.name, out)
@@ -184,14 +185,21 @@ def run_pipeline(cfg: Config, *, config_path: str | None = None, out: str | None
             "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
             "seed": cfg.seed,
-            "derived_seeds": {k: derive_seed(cfg.seed, k) for k in ("natural", "split", "fit", "followup", "bootstrap")},
+            "derived_seeds": {k: derive_seed(cfg.seed, k) for k in ("natural", "split", "core", "fit", "followup", "bootstrap")},
             "target": {"name": target.name, "n_sites": int(len(target.site_ids))},
             "inputs_sha256": input_checksums(cfg, config_path, nat),
             "natural_info": {k: v for k, v in nat.info.items() if k != "checksums"},
             "torch_threads": torch.get_num_threads(),
         }
         _save_json(run.path("provenance.json"), provenance)
+        core_report = None
+        if core_plan is not None:
+            cfg, core_report = _core_stage(cfg, core_plan, device, timer)
+            provenance["core"] = core_report
+            _save_json(run.path("provenance.json"), provenance)
         report = _run_stages(cfg, run, target, nat, splits, recorder, device, timer)
+        if core_report is not None:
+            report["core"] = core_report
         report["timing"] = timer.seconds
         report["device"] = str(device)
         _save_json(run.path("report.json"), report)
@@ -207,6 +215,43 @@ def run_pipeline(cfg: Config, *, config_path: str | None = None, out: str | None
     _detach_log()
     log.info("run complete: %s", final)
     return final
+
+
+def plan_core_stage(cfg: Config, target: Target):
+    """The core plan when ``fit.weights: auto`` (None otherwise); validates it early.
+
+    The core trains on the other sessions of the target's data root: never the
+    evaluated session, never its digital twins (see :mod:`synth.surrogate.core`).
+    """
+    if cfg.fit.weights.strip().lower() != "auto":
+        return None
+    from synth.errors import ConfigError
+    from synth.surrogate.core import CoreConfig, plan_core
+
+    root, session = getattr(target, "root", None), getattr(target, "session", None)
+    if root is None or session is None:
+        raise ConfigError(
+            f"weights auto trains a core on the other recording sessions of a real-data target (kind cowley2023); target {target.name} has no data root/session",
+            key="fit.weights",
+        )
+    plan = plan_core(cfg.fit.core or CoreConfig(), root=str(root), evaluated=str(session), grayscale=cfg.data.grayscale, seed=derive_seed(cfg.seed, "core"))
+    log.info(
+        "core plan: sessions %s (evaluated %s excluded), distillation twins: %s, cache %s",
+        ", ".join(plan.sessions), plan.evaluated, ", ".join(plan.teachers) or "none", plan.path,
+    )
+    return plan
+
+
+def _core_stage(cfg: Config, plan, device: torch.device, timer: Timer) -> tuple[Config, dict[str, Any]]:
+    """Train or reuse the shared core; returns the config with ``fit.weights`` set to it."""
+    import dataclasses
+
+    from synth.surrogate.core import core_summary, ensure_core
+
+    with timer("core"):
+        path, info = ensure_core(plan, device=device)
+    fit = dataclasses.replace(cfg.fit, weights=str(path), core=None)
+    return dataclasses.replace(cfg, fit=fit), core_summary(info)
 
 
 def _split_fractions(cfg: Config) -> dict[str, float]:

@@ -71,9 +71,10 @@ class Recording:
 
     def mean(self) -> np.ndarray:
         """Repeat-averaged responses, (S, N); NaN where an image has no repeat."""
-        with np.errstate(invalid="ignore"), np.testing.suppress_warnings() as sup:
-            sup.filter(RuntimeWarning)
-            return np.nanmean(self.responses, axis=2)
+        k = np.sum(~np.isnan(self.responses), axis=2)
+        total = np.where(np.isnan(self.responses), 0.0, self.responses).sum(axis=2)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(k > 0, total / np.maximum(k, 1), np.nan)
 
     def n_repeats(self) -> np.ndarray:
         """Repeats per image, (N,) (counted on the first site)."""

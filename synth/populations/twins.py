@@ -409,8 +409,15 @@ class TwinRecorder:
     intercept: np.ndarray
     noise: Literal["poisson", "none"] = "poisson"
     info: dict[str, Any] = field(default_factory=dict)
+    #: stimulus ids of the calibration images and the twins' raw outputs on them (N, S)
+    natural_ids: np.ndarray | None = None
+    natural_raw: np.ndarray | None = None
 
     def __post_init__(self) -> None:
+        self._memo: dict[bytes, np.ndarray] = {}
+        if self.natural_raw is not None and self.natural_ids is not None:
+            self.natural_raw = np.asarray(self.natural_raw, dtype=np.float64)
+            self.natural_ids = np.asarray(self.natural_ids).astype(str)
         self.site_ids = self.ensemble.site_ids.copy()
         self.areas = np.array([cowley.AREA] * self.site_ids.size)
         self.slope = np.asarray(self.slope, dtype=np.float64)
@@ -446,7 +453,27 @@ class TwinRecorder:
             "files": ensemble.files,
         }
         log.info("twins calibrated on %d images: median r with the recording %.3f", y.shape[0], info["median_r"])
-        return cls(ensemble=ensemble, slope=slope, intercept=intercept, noise=noise, info=info)
+        out = cls(ensemble=ensemble, slope=slope, intercept=intercept, noise=noise, info=info, natural_ids=rec.stimulus_id, natural_raw=raw)
+        out._memo = dict(zip(_image_hashes(images), raw))
+        return out
+
+    def natural_expected(self, stimulus_ids: Sequence[str]) -> np.ndarray:
+        """Calibrated responses (clipped at 0) to calibration images, by stimulus id.
+
+        Shape:
+            returns: (len(stimulus_ids), S) float64.
+
+        Raises:
+            DataError: an id that was not among the calibration images.
+        """
+        if self.natural_ids is None or self.natural_raw is None:
+            raise DataError("these twins were not calibrated on a natural set (no natural_ids)")
+        pos = {s: i for i, s in enumerate(self.natural_ids)}
+        missing = [str(s) for s in stimulus_ids if str(s) not in pos]
+        if missing:
+            raise DataError(f"stimulus '{missing[0]}' is not among the {len(pos)} images the twins were calibrated on")
+        raw = self.natural_raw[[pos[str(s)] for s in stimulus_ids]]
+        return np.maximum(raw * self.slope + self.intercept, 0.0)
 
     def to(self, device: torch.device | str) -> "TwinRecorder":
         """Compute the twins on ``device`` (they start on the CPU)."""
@@ -466,8 +493,23 @@ class TwinRecorder:
         """
         if images.device.type != "cpu" and self.ensemble._device() != images.device:
             self.ensemble.to(images.device)
-        big = images.shape[0] * self.ensemble.n_twins >= _CACHE_MIN
-        raw = self.ensemble.outputs_cached(images, cache=big).astype(np.float64)
+        raw = np.empty((images.shape[0], self.ensemble.n_twins), dtype=np.float64)
+        todo = list(range(images.shape[0]))
+        if self._memo:  # images the twins already saw at calibration (e.g. the natural set)
+            hashes = _image_hashes(images)
+            todo = []
+            for i, h in enumerate(hashes):
+                row = self._memo.get(h)
+                if row is None:
+                    todo.append(i)
+                else:
+                    raw[i] = row
+            if len(todo) < images.shape[0]:
+                log.info("twins: %d of %d images known from calibration", images.shape[0] - len(todo), images.shape[0])
+        if todo:
+            sub = images if len(todo) == images.shape[0] else images[torch.as_tensor(todo, device=images.device)]
+            big = sub.shape[0] * self.ensemble.n_twins >= _CACHE_MIN
+            raw[todo] = self.ensemble.outputs_cached(sub, cache=big).astype(np.float64)
         out = np.maximum(raw * self.slope + self.intercept, 0.0)
         return torch.as_tensor(out, dtype=torch.float32, device=images.device)
 
@@ -487,6 +529,14 @@ class TwinRecorder:
                 rng = np.random.default_rng(derive_seed(seed, "twins-poisson", sid))
                 resp[:, j, :] = rng.poisson(mean[j][:, None], size=(mean.shape[1], n_repeats))
         return Recording(stimulus_id=np.array(ids), site_id=self.site_ids, responses=resp, areas=self.areas)
+
+
+def _image_hashes(images: torch.Tensor) -> list[bytes]:
+    """SHA-1 of each image's float32 values (exact-content lookup)."""
+    import hashlib
+
+    arr = images.detach().to("cpu", torch.float32).contiguous().numpy()
+    return [hashlib.sha1(a.tobytes()).digest() + str(a.shape).encode() for a in arr]
 
 
 # --------------------------------------------------------------------------- target
@@ -540,6 +590,19 @@ class Cowley2023Target:
             "checksums": {str(p): file_sha256(p) for p in files},
         }
         return NaturalData(images=x, recording=rec, stimulus_id=ids, info=info)
+
+    def reference_predictions(self, images: torch.Tensor, stimulus_ids: Sequence[str]) -> np.ndarray:  # noqa: ARG002
+        """The calibrated twins' responses to natural images, by stimulus id.
+
+        The twins see each image as it was recorded (RGB, 112 px), whatever the display
+        format of ``images``; the pipeline reports their median r on the test images as
+        ``fit.reference_median_r_test``. The twins only *report*: they never fit or
+        select the surrogate.
+
+        Shape:
+            returns: (len(stimulus_ids), S) in ``site_ids`` order.
+        """
+        return self.recorder().natural_expected(stimulus_ids)
 
     def recorder(self) -> TwinRecorder:
         """The calibrated digital twins of this session (ConfigError if it has none)."""

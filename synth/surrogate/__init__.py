@@ -8,12 +8,16 @@ Public API:
   ``receptive_fields``)
 - :func:`~synth.surrogate.fit.fit_core` / :func:`~synth.surrogate.fit.save_core`: a small
   core shared by several sessions, reused with ``backbone: pretrained_core``
+- :class:`~synth.surrogate.core.CoreConfig` (``fit.core``), :func:`~synth.surrogate.core.plan_core`,
+  :func:`~synth.surrogate.core.ensure_core`: the core stage (``weights: auto``), a core
+  trained on the other sessions of a data root and cached outside the repository
 - registries ``BACKBONES`` (backbones.py) and ``READOUTS`` (readouts.py)
 """
 
 from synth.surrogate.backbones import BACKBONES
+from synth.surrogate.core import CoreConfig, CorePlan, ensure_core, plan_core
 from synth.surrogate.fit import FitConfig, SplitConfig, fit_core, fit_surrogate, predict, save_core
 from synth.surrogate.model import Surrogate
 from synth.surrogate.readouts import READOUTS
 
-__all__ = ["BACKBONES", "READOUTS", "FitConfig", "SplitConfig", "Surrogate", "fit_core", "fit_surrogate", "predict", "save_core"]
+__all__ = ["BACKBONES", "READOUTS", "CoreConfig", "CorePlan", "ensure_core", "plan_core", "FitConfig", "SplitConfig", "Surrogate", "fit_core", "fit_surrogate", "predict", "save_core"]

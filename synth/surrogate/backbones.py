@@ -565,6 +565,8 @@ def build_pretrained_core(
     weights = str(weights)
     if weights.lower() == "none":
         raise ConfigError("backbone pretrained_core needs weights: /path/to/core.pt (a core saved by fit_core)", key="weights")
+    if weights.strip().lower() == "auto":
+        raise ConfigError("weights auto is resolved by `synth run` (the core stage trains or reuses a cached core); elsewhere give a core file", key="weights")
     obj = load_checkpoint_file(weights, what="pretrained_core")
     if not isinstance(obj, Mapping) or obj.get("format") != CORE_FORMAT:
         raise DataError(f"weights file {weights} is not a synth core checkpoint (format {CORE_FORMAT}); save one with synth.surrogate.fit.save_core")

@@ -27,6 +27,7 @@ import torch.nn as nn
 from synth.errors import ConfigError, DataError
 from synth.runtime import derive_seed, progress, resolve_device, torch_generator
 from synth.surrogate.backbones import BACKBONES, CORE_FORMAT, _small_cnn_layer, build_backbone, default_layer
+from synth.surrogate.core import CoreConfig
 from synth.surrogate.model import Surrogate
 from synth.surrogate.readouts import READOUTS, build_readout
 
@@ -91,8 +92,17 @@ class FitConfig:
     augment_shift: int = field(default=0, metadata={"min": 0, "max": 64, "help": "random shifts of up to this many pixels while training the backbone (0: off)"})
     input_size: int | None = field(default=None, metadata={"min": 0, "help": "resize images inside the model (default: 64 small_cnn, 224 torchvision; 0: never)"})
     split: SplitConfig = field(default_factory=SplitConfig)
+    core: CoreConfig | None = field(
+        default=None,
+        metadata={"help": "shared core trained on the other sessions under target.root (with backbone pretrained_core, weights auto)"},
+    )
 
     def __post_init__(self) -> None:
+        auto = self.weights.strip().lower() == "auto"
+        if auto and self.backbone != "pretrained_core":
+            raise ConfigError(f"weights auto (a core trained on other sessions) needs backbone pretrained_core, got {self.backbone}", key="weights")
+        if self.core is not None and not auto:
+            raise ConfigError("fit.core settings are used only with backbone: pretrained_core and weights: auto", key="core")
         if isinstance(self.readout, str):
             object.__setattr__(self, "readout", {"name": self.readout})
         BACKBONES.get(self.backbone, key="backbone")
@@ -508,6 +518,7 @@ def fit_core(
     device: torch.device | str = "cpu",
     seed: int = 0,
     names: Sequence[str] | None = None,
+    max_seconds: float | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Train one small core shared by several recording sessions (one readout each).
 
@@ -525,6 +536,8 @@ def fit_core(
         device: where to train.
         seed: drives splits, initialization and shuffling.
         names: session names for the report (default ``"0"``, ``"1"``...).
+        max_seconds: stop after the epoch that passes this training time (the best
+            epoch so far is kept); None: no limit.
 
     Returns:
         (core, report): ``core`` is a plain dict for :func:`save_core` (architecture,
@@ -575,6 +588,7 @@ def fit_core(
     sched = _cosine(opt, cfg.epochs * steps_per_epoch) if cfg.lr_schedule == "cosine" else None
     t0 = time.perf_counter()
     best_score, best_state, best_epoch, bad, decays = -math.inf, None, 0, 0, 0
+    stopped_by_time = False
     history: list[dict[str, float]] = []
     epoch = 0
     for epoch in progress(range(cfg.epochs), desc="fit shared core", total=cfg.epochs):
@@ -604,7 +618,7 @@ def fit_core(
                 scores[s["name"]] = _median(pearson_columns(pv.cpu().numpy(), s["y_va"].numpy()))
         history.append(scores)
         score = float(np.nanmean(list(scores.values())))
-        log.debug("core epoch %d: mean val median r %.4f", epoch + 1, score)
+        log.info("core epoch %d: mean val median r %.4f (%.0f s)", epoch + 1, score, time.perf_counter() - t0)
         if score > best_score + 1e-4:
             best_score, best_epoch, bad = score, epoch + 1, 0
             best_state = (copy.deepcopy(backbone.state_dict()), copy.deepcopy(readouts.state_dict()))
@@ -618,6 +632,10 @@ def fit_core(
                 readouts.load_state_dict(best_state[1])
                 for gr in opt.param_groups:
                     gr["lr"] *= 0.3
+        if max_seconds is not None and time.perf_counter() - t0 > max_seconds and epoch + 1 < cfg.epochs:
+            log.warning("shared core: time limit of %.0f s reached after %d of %d epochs; keeping the best epoch", max_seconds, epoch + 1, cfg.epochs)
+            stopped_by_time = True
+            break
     if best_state is not None:
         backbone.load_state_dict(best_state[0])
         readouts.load_state_dict(best_state[1])
@@ -638,6 +656,7 @@ def fit_core(
         "mean_val_median_r": best_score,
         "epochs_run": epoch + 1,
         "best_epoch": best_epoch,
+        "stopped_by_time_limit": stopped_by_time,
         "history": history,
         "train_seconds": round(time.perf_counter() - t0, 3),
         "n_train": {s["name"]: int(s["x_tr"].shape[0]) for s in sessions},

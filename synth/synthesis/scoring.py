@@ -62,3 +62,88 @@ def score_with(
     finally:
         model.train(was_training)
     return torch.cat(out).numpy().astype(np.float32) if out else np.zeros((0, 0), np.float32)
+
+
+def held_out_splits(train: np.ndarray, val: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Train / validation indices for a held-out surrogate: another split of the same images.
+
+    The primary surrogate's validation images all go into the held-out surrogate's
+    training set, and as many of the primary's training images (a seeded draw) become its
+    validation set, so the two models are fitted (and early-stopped) on different data.
+    The test images stay out of both.
+
+    Args:
+        train, val: the primary surrogate's index arrays into the natural set.
+        seed: seed of the draw.
+
+    Returns:
+        ``(train, val)`` sorted index arrays of the same sizes as the inputs.
+    """
+    train, val = np.asarray(train), np.asarray(val)
+    if val.size == 0 or train.size <= val.size:
+        raise ValueError(f"need more training ({train.size}) than validation ({val.size}) images for a held-out split")
+    rng = np.random.default_rng(seed)
+    moved = rng.choice(train, size=val.size, replace=False)
+    new_train = np.concatenate([np.setdiff1d(train, moved), val])
+    return np.sort(new_train), np.sort(moved)
+
+
+def ensemble_guard(
+    held_out: nn.Module,
+    images: torch.Tensor | np.ndarray,
+    target_index: np.ndarray,
+    predicted: np.ndarray,
+    natural_predicted: np.ndarray,
+    natural_held_out: np.ndarray,
+    *,
+    agree_fraction: float = 0.5,
+    batch_size: int = 64,
+    device: torch.device | str | None = None,
+) -> dict[str, np.ndarray]:
+    """Score the saved images with a held-out surrogate and flag images the models disagree on.
+
+    Responses are compared as z-scores against each model's own predictions for the
+    natural images (so models with different scales are comparable). An image counts as
+    agreed on when the held-out model moves the target in the same direction by at least
+    ``agree_fraction`` of the synthesis surrogate's z-score:
+    ``sign(z) * z_held >= agree_fraction * |z|`` (so suppression images count too).
+
+    Args:
+        held_out: the held-out surrogate (other split or backbone), same sites in the same order.
+        images: the saved images, uint8 ``(N, H, W, C)`` (or float ``(N, C, H, W)``).
+        target_index: ``(N,)`` target site index of each image.
+        predicted: ``(N, S)`` the synthesis surrogate's predictions to the same images.
+        natural_predicted: ``(M, S)`` the synthesis surrogate's predictions to the natural set.
+        natural_held_out: ``(M, S)`` the held-out surrogate's predictions to the natural set.
+        agree_fraction: see above.
+
+    Returns:
+        Fields for ``write_stimulus_set(extra=...)``: ``held_out_predicted`` ``(N, S)``
+        (adds a ``held_out_predicted_target`` manifest column), and ``(N,)`` columns
+        ``target_z``, ``held_out_target_z`` and ``models_agree`` (0/1).
+    """
+    target_index = np.asarray(target_index, dtype=np.int64)
+    predicted = np.asarray(predicted, dtype=np.float64)
+    n, s = predicted.shape
+    if target_index.shape != (n,):
+        raise ValueError(f"target_index must have shape ({n},), got {target_index.shape}")
+    ho = score_with(held_out, images, batch_size=batch_size, device=device).astype(np.float64)
+    if ho.shape != (n, s):
+        raise ValueError(f"the held-out surrogate predicts {ho.shape[1] if ho.ndim == 2 else ho.shape} sites for {s} sites of the synthesis surrogate")
+
+    def z(pred: np.ndarray, nat: np.ndarray) -> np.ndarray:
+        nat = np.asarray(nat, dtype=np.float64)
+        if nat.ndim != 2 or nat.shape[1] != s:
+            raise ValueError(f"natural predictions must have shape (M, {s}), got {nat.shape}")
+        zz = (pred - nat.mean(0)) / (nat.std(0) + 1e-9)
+        return zz[np.arange(n), target_index]
+
+    z_primary = z(predicted, natural_predicted)
+    z_held = z(ho, natural_held_out)
+    agree = np.sign(z_primary) * z_held >= agree_fraction * np.abs(z_primary)
+    return {
+        "held_out_predicted": ho.astype(np.float32),
+        "target_z": z_primary,
+        "held_out_target_z": z_held,
+        "models_agree": agree.astype(np.int64),
+    }

@@ -19,6 +19,9 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 MAX_SCATTER_SITES = 48
+SCATTER_COLS = 6
+PANEL_IN = 1.8  # inches per scatter panel
+MAX_FIG_IN = 11.3  # figures are drawn at 96 dpi no wider than the page (no downscaling of text)
 MAX_MONTAGE = 96
 THUMB = 112
 
@@ -29,7 +32,8 @@ table{border-collapse:collapse;margin:8px 0;font-size:13px} td,th{border:1px sol
 th{background:#f3f3f3} td.l,th.l{text-align:left} .muted{color:#777;font-size:13px} .bad{color:#b00}
 img.fig{max-width:100%;border:1px solid #eee} .grid{display:flex;flex-wrap:wrap;gap:6px}
 figure.t{margin:0;width:120px;text-align:center;font-size:11px} figure.t img{width:112px;height:112px;image-rendering:pixelated;border:1px solid #ccc}
-.big{font-size:22px;font-weight:600} .card{display:inline-block;border:1px solid #ddd;border-radius:6px;padding:8px 14px;margin:4px 8px 4px 0}
+.big{font-size:22px;font-weight:600} .card{display:inline-block;border:1px solid #ddd;border-radius:6px;padding:8px 14px;margin:4px 8px 4px 0;vertical-align:top}
+.card.wide{max-width:520px} figure.t figcaption{line-height:1.25} figure.t figcaption .muted{font-size:11px}
 """
 
 
@@ -67,29 +71,39 @@ def _img(b64: str, alt: str) -> str:
 def _figure(w: float, h: float):
     from matplotlib.figure import Figure
 
-    return Figure(figsize=(w, h))
+    return Figure(figsize=(min(w, MAX_FIG_IN), h), layout="constrained")
 
 
 def scatter_figure(site_id: Sequence[str], predicted: np.ndarray, recorded: np.ndarray, per_site: Sequence[Mapping]) -> str:
-    """Small multiples: predicted vs recorded repeat mean, one panel per site (base64 PNG)."""
+    """Small multiples: predicted vs recorded repeat mean, one panel per site, with the
+    least-squares line (model units differ from recorded units) (base64 PNG)."""
     n = min(len(site_id), MAX_SCATTER_SITES)
-    cols = min(8, max(1, n))
+    cols = min(SCATTER_COLS, max(1, n))
     rows = int(math.ceil(n / cols))
-    fig = _figure(1.55 * cols, 1.55 * rows + 0.2)
+    fig = _figure(PANEL_IN * cols + 0.4, PANEL_IN * rows + 0.5)
     info = {p["site_id"]: p for p in per_site}
-    for i in range(n):
-        ax = fig.add_subplot(rows, cols, i + 1)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        if i >= n:
+            ax.set_visible(False)
+            continue
         x, y = predicted[i], recorded[i]
         ok = np.isfinite(x) & np.isfinite(y)
         p = info.get(str(site_id[i]), {})
-        color = "#1f77b4" if p.get("included", True) else "#999999"
-        ax.scatter(x[ok], y[ok], s=4, alpha=0.6, color=color, linewidths=0)
+        included = p.get("included", True)
+        color = "#1f77b4" if included else "#999999"
+        ax.scatter(x[ok], y[ok], s=7, alpha=0.65, color=color, linewidths=0)
+        if ok.sum() >= 2 and np.ptp(x[ok]) > 0:
+            slope, icept = np.polyfit(x[ok], y[ok], 1)
+            xs = np.array([x[ok].min(), x[ok].max()])
+            ax.plot(xs, slope * xs + icept, color="#444444", lw=0.8)
         r = p.get("pearson_r")
-        ax.set_title(f"{site_id[i]}\nr={_fmt(r, 2)}", fontsize=7)
-        ax.tick_params(labelsize=5, length=2)
-    fig.supxlabel("predicted", fontsize=8)
-    fig.supylabel("recorded (repeat mean)", fontsize=8)
-    fig.tight_layout(pad=0.4)
+        r2 = p.get("r2_er")
+        ax.set_title(f"{site_id[i]}{'' if included else ' (excluded)'}\nr={_fmt(r, 2)}  r²_ER={_fmt(r2, 2)}", fontsize=8)
+        ax.tick_params(labelsize=6.5, length=2, pad=1)
+        ax.locator_params(nbins=4)
+    fig.supxlabel("model prediction (model units)", fontsize=10)
+    fig.supylabel("recorded response (mean over repeats)", fontsize=10)
     return _png(fig)
 
 
@@ -102,8 +116,11 @@ def ceiling_figure(per_site: Sequence[Mapping]) -> str:
     r2er, rel, r = arr("r2_er"), arr("split_half_reliability"), arr("pearson_r")
     raw = r * r
     inc = np.array([bool(p.get("included")) for p in per_site])
-    fig = _figure(10.5, 3.8)
+    from matplotlib.ticker import MaxNLocator
+
+    fig = _figure(11.0, 4.2)
     ax = fig.add_subplot(1, 2, 1)
+    ax.set_title("Per site: r² against the noise ceiling", fontsize=10)
     for y, label, marker in ((raw, "raw r² (prediction vs repeat mean)", "o"), (r2er, "noise-corrected r²_ER", "^")):
         ok = np.isfinite(y) & np.isfinite(rel)
         ax.scatter(rel[ok & inc], y[ok & inc], s=16, marker=marker, label=label, alpha=0.8)
@@ -115,7 +132,7 @@ def ceiling_figure(per_site: Sequence[Mapping]) -> str:
     ax.axhline(1.0, color="#d62728", lw=0.8, ls=":", label="r²_ER = 1 (all explainable variance)")
     ax.set_xlabel("split-half reliability (Spearman-Brown)")
     ax.set_ylabel("per-site r²")
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7.5, loc="upper left")
     if (~inc).any():
         ax.text(0.99, 0.01, "grey: excluded sites", transform=ax.transAxes, ha="right", va="bottom", fontsize=7, color="#777")
     ax2 = fig.add_subplot(1, 2, 2)
@@ -124,10 +141,15 @@ def ceiling_figure(per_site: Sequence[Mapping]) -> str:
         ax2.hist(np.clip(r2er[inc & np.isfinite(r2er)], bins[0], bins[-1]), bins=bins, alpha=0.6, label="r²_ER", color="#ff7f0e")
     if np.isfinite(rel[inc]).any():
         ax2.hist(np.clip(rel[inc & np.isfinite(rel)], bins[0], bins[-1]), bins=bins, alpha=0.5, label="split-half reliability", color="#7f7f7f")
-    ax2.set_xlabel("value per included site (clipped to the axis)")
-    ax2.set_ylabel("sites")
-    ax2.legend(fontsize=7)
-    fig.tight_layout()
+    ax2.set_title("Distribution over included sites", fontsize=10)
+    ax2.set_xlabel("value (clipped to the axis range)")
+    ax2.set_ylabel("number of sites")
+    ax2.yaxis.set_major_locator(MaxNLocator(integer=True))
+    if ax2.get_legend_handles_labels()[0]:
+        ax2.legend(fontsize=8)
+    else:
+        ax2.text(0.5, 0.5, "no included site with a defined value", transform=ax2.transAxes, ha="center", va="center",
+                 fontsize=10, color="#777")
     return _png(fig)
 
 
@@ -135,8 +157,8 @@ def _bars(rows: Sequence[Mapping], value: str, pred: str, ylabel: str, ref: floa
     targets = [str(r["target_site"]) for r in rows]
     v = np.array([np.nan if r.get(value) is None else r[value] for r in rows], dtype=float)
     p = np.array([np.nan if r.get(pred) is None else r[pred] for r in rows], dtype=float)
-    w = min(14.0, max(5.0, 0.28 * len(rows) + 2))
-    fig = _figure(w, 3.4)
+    w = max(5.0, 0.28 * len(rows) + 2)
+    fig = _figure(w, 3.8)
     ax = fig.add_subplot(1, 1, 1)
     x = np.arange(len(rows))
     colors = np.where(np.nan_to_num(v, nan=-np.inf) > ref, "#2ca02c", "#d62728")
@@ -148,11 +170,12 @@ def _bars(rows: Sequence[Mapping], value: str, pred: str, ylabel: str, ref: floa
     ax.set_title(title, fontsize=10)
     if len(rows) <= 60:
         ax.set_xticks(x)
-        ax.set_xticklabels(targets, rotation=90, fontsize=6)
+        ax.set_xticklabels(targets, rotation=90, fontsize=7.5 if len(rows) <= 45 else 6.5)
+        ax.set_xlim(-0.7, len(rows) - 0.3)
+        ax.set_xlabel("target site")
     else:
         ax.set_xlabel(f"{len(rows)} target sites")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    ax.legend(fontsize=8)
     return _png(fig)
 
 
@@ -166,15 +189,19 @@ def one_hot_figure(rows: Sequence[Mapping]) -> str:
                  "One-hot: score ratio vs the best natural image (green: beats it)")
 
 
-def montage_html(run_dir: Path | None, manifest: Sequence[Mapping[str, str]]) -> str:
-    """Thumbnails of the stimuli (PNG files named in the manifest), labelled with objective and target."""
+def montage_html(run_dir: Path | None, manifest: Sequence[Mapping[str, str]], notes: Mapping[str, str] | None = None) -> str:
+    """Thumbnails of the stimuli (PNG files named in the manifest), labelled with objective
+    and target, plus ``notes[stimulus_id]`` (e.g. the recorded outcome) where given."""
     from PIL import Image
 
     from synth.validation.io import find_stimulus_png, normalize_objective
 
     if run_dir is None or not manifest:
         return ""
-    rows = sorted(manifest, key=lambda r: (normalize_objective(r["objective"]), r["target_site"], r["stimulus_id"]))
+    order = {"stretch": 0, "one_hot": 1}
+    rows = sorted(manifest, key=lambda r: (order.get(normalize_objective(r["objective"]), 2), normalize_objective(r["objective"]),
+                                           r["target_site"], r["stimulus_id"]))
+    notes = notes or {}
     cells, missing = [], 0
     for row in rows[:MAX_MONTAGE]:
         p = find_stimulus_png(run_dir, row)
@@ -192,7 +219,9 @@ def montage_html(run_dir: Path | None, manifest: Sequence[Mapping[str, str]]) ->
             missing += 1
             continue
         b64 = base64.b64encode(buf.getvalue()).decode("ascii")
-        label = f"{normalize_objective(row['objective'])}<br>target {html.escape(row['target_site'])}"
+        label = f"{html.escape(normalize_objective(row['objective']))}<br>target {html.escape(row['target_site'])}"
+        if row["stimulus_id"] in notes:
+            label += f"<br><span class='muted'>{html.escape(notes[row['stimulus_id']])}</span>"
         cells.append(
             f'<figure class="t"><img alt="{html.escape(row["stimulus_id"])}" title="{html.escape(row["stimulus_id"])}" '
             f'src="data:image/png;base64,{b64}"><figcaption>{label}</figcaption></figure>'
@@ -205,6 +234,22 @@ def montage_html(run_dir: Path | None, manifest: Sequence[Mapping[str, str]]) ->
     return (f'<p class="muted">{"; ".join(note)}</p>' if note else "") + f'<div class="grid">{"".join(cells)}</div>'
 
 
+def _outcome_notes(stretch_rows: Sequence[Mapping], one_hot_rows: Sequence[Mapping]) -> dict[str, str]:
+    """``stimulus_id -> caption`` for each target's best image."""
+    notes: dict[str, str] = {}
+    for r in stretch_rows:
+        if r.get("stimulus_id"):
+            notes[str(r["stimulus_id"])] = f"gain {_signed(r.get('gain'))} ({_signed(r.get('predicted_gain'))})"
+    for r in one_hot_rows:
+        if r.get("stimulus_id"):
+            notes[str(r["stimulus_id"])] = f"ratio {_fmt(r.get('ratio'), 2)} ({_fmt(r.get('predicted_ratio'), 2)})"
+    return notes
+
+
+def _signed(v: Any) -> str:
+    return "–" if v is None or not math.isfinite(float(v)) else f"{float(v):+.2f}"
+
+
 def _summary_cards(report: Mapping[str, Any]) -> str:
     cards = [
         ("median Pearson r", report.get("median_pearson_r")),
@@ -213,11 +258,19 @@ def _summary_cards(report: Mapping[str, Any]) -> str:
     ]
     out = "".join(f'<div class="card"><div class="muted">{t}</div><div class="big">{_fmt(v)}</div></div>' for t, v in cards)
     m = report.get("matched", {})
+    unpred = m.get("stimuli_recorded_not_predicted")
+    unrec = m.get("stimuli_predicted_not_recorded")
+    extra = []
+    if unpred:
+        extra.append(f"{unpred} recorded image(s) have no prediction and are not scored here")
+    if unrec:
+        extra.append(f"{unrec} predicted image(s) were not recorded")
     out += (
         f'<p>{report.get("n_sites_included", 0)} of {report.get("n_sites", 0)} sites in the medians; '
         f'{m.get("stimuli_matched", "?")} images matched ({m.get("stimuli_predicted", "?")} predicted, '
         f'{m.get("stimuli_recorded", "?")} recorded); {m.get("sites_matched", "?")} sites matched '
-        f'({m.get("sites_predicted", "?")} predicted, {m.get("sites_recorded", "?")} recorded).</p>'
+        f'({m.get("sites_predicted", "?")} predicted, {m.get("sites_recorded", "?")} recorded).'
+        + (f' <span class="muted">({"; ".join(extra)}.)</span>' if extra else "") + "</p>"
     )
     exc = report.get("excluded_sites") or []
     if exc:
@@ -225,6 +278,33 @@ def _summary_cards(report: Mapping[str, Any]) -> str:
         more = f"<li>… and {len(exc) - 50} more</li>" if len(exc) > 50 else ""
         out += f'<details><summary>{len(exc)} site(s) excluded from the medians</summary><ul class="muted">{items}{more}</ul></details>'
     return out
+
+
+def _pct(v: Any) -> str:
+    return "–" if v is None or not math.isfinite(float(v)) else f"{100 * float(v):.0f}%"
+
+
+def _control_cards(report: Mapping[str, Any]) -> str:
+    """The two questions a lab asks, answered in one line each (recorded, 95% CI, model)."""
+    st, oh = report.get("stretch") or {}, report.get("one_hot") or {}
+    cards = []
+    if st.get("n_targets"):
+        ci = (st.get("ci95") or {}).get("fraction_above_natural_max")
+        pred = (st.get("predicted") or {}).get("fraction_above_natural_max")
+        cards.append((f"Stretch: targets driven above their natural maximum ({st['n_targets']} targets)",
+                      _pct(st.get("fraction_above_natural_max")),
+                      f"95% CI {_pct(ci[0]) if ci else '–'} to {_pct(ci[1]) if ci else '–'}; model predicted {_pct(pred)}; "
+                      f"median gain {_fmt(st.get('median_gain'), 2)}"))
+    if oh.get("n_targets"):
+        ci = (oh.get("ci95") or {}).get("fraction_beating_best_natural")
+        pred = (oh.get("predicted") or {}).get("fraction_beating_best_natural")
+        cards.append((f"One-hot: targets where a synthesized image beats the best natural one ({oh['n_targets']} targets)",
+                      _pct(oh.get("fraction_beating_best_natural")),
+                      f"95% CI {_pct(ci[0]) if ci else '–'} to {_pct(ci[1]) if ci else '–'}; model predicted {_pct(pred)}; "
+                      f"median score ratio {_fmt(oh.get('median_score_ratio'), 2)}"))
+    return "".join(
+        f'<div class="card wide"><div class="muted">{html.escape(t)}</div><div class="big">{v}</div>'
+        f'<div class="muted">{html.escape(d)}</div></div>' for t, v, d in cards)
 
 
 def _control_table(report: Mapping[str, Any]) -> str:
@@ -282,6 +362,9 @@ def render_html(report: Mapping[str, Any], fig_data) -> str:
     note = f" (first {MAX_SCATTER_SITES} of {n} sites)" if n > MAX_SCATTER_SITES else ""
     parts.append(f"<h2>Predicted vs recorded, per site{note}</h2>")
     parts.append(_img(scatter_figure(fig_data.site_id, fig_data.predicted, fig_data.recorded, per_site), "scatter per site"))
+    parts.append('<p class="muted">One point per image scored (the images present in both the predictions and the '
+                 "recording); line: least-squares fit (model and recorder units differ); grey points: a site excluded "
+                 "from the medians.</p>")
     parts.append("<h2>Noise-corrected r² against the split-half ceiling</h2>")
     parts.append(_img(ceiling_figure(per_site), "r2_er vs reliability"))
     parts.append('<p class="muted">Raw r² cannot exceed what the noisy repeat means allow (about the split-half reliability, '
@@ -289,6 +372,7 @@ def render_html(report: Mapping[str, Any], fig_data) -> str:
                  "variance the model captures, 1 being a perfect model.</p>")
     if "stretch" in report:
         parts.append("<h2>Control outcomes</h2>")
+        parts.append(_control_cards(report))
         parts.append(_control_table(report))
         st = (report.get("stretch") or {}).get("per_target") or []
         oh = (report.get("one_hot") or {}).get("per_target") or []
@@ -296,9 +380,11 @@ def render_html(report: Mapping[str, Any], fig_data) -> str:
             parts.append(_img(stretch_figure(st), "stretch gains"))
         if oh:
             parts.append(_img(one_hot_figure(oh), "one-hot score ratios"))
-        montage = montage_html(fig_data.run_dir, fig_data.manifest)
+        montage = montage_html(fig_data.run_dir, fig_data.manifest, _outcome_notes(st, oh))
         if montage:
-            parts.append("<h2>Stimuli</h2>" + montage)
+            parts.append("<h2>Stimuli and their targets</h2><p class='muted'>Under each target's best image: the recorded "
+                         "outcome (stretch: response / natural max - 1; one-hot: score / best natural score) and, in "
+                         "brackets, the model's prediction.</p>" + montage)
     parts.append("<h2>Per site</h2>" + _per_site_table(per_site))
     methods = report.get("methods") or {}
     if methods:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Collection
 
 import numpy as np
 
@@ -243,13 +244,28 @@ class Joined:
     counts: dict = field(default_factory=dict)
 
 
-def join(pred: Predictions, rec: Recording, *, pred_name: str = "predictions", rec_name: str = "recordings") -> Joined:
+def join(
+    pred: Predictions,
+    rec: Recording,
+    *,
+    pred_name: str = "predictions",
+    rec_name: str = "recordings",
+    unpredicted_ok: Collection[str] = (),
+) -> Joined:
     """Match predictions and recordings on ``stimulus_id`` and ``site_id`` (never position).
+
+    Args:
+        pred, rec: what to match.
+        pred_name, rec_name: names used in messages (e.g. the file paths).
+        unpredicted_ok: recorded stimulus ids that are expected to have no prediction
+            (e.g. the natural images of a closed-loop follow-up, which ``stimuli.npz``
+            does not hold); they do not trigger the partial-match warning.
 
     Raises:
         DataError: when no stimulus or no site matches.
 
-    A partial match is logged as a warning with the counts.
+    A partial match (beyond ``unpredicted_ok``) is logged as a warning with the counts
+    and an example id of each kind of mismatch; the counts are in ``Joined.counts``.
     """
     ps, rs = set(pred.stimulus_id.tolist()), set(rec.stimulus_id.tolist())
     pt, rt = set(pred.site_id.tolist()), set(rec.site_id.tolist())
@@ -265,11 +281,24 @@ def join(pred: Predictions, rec: Recording, *, pred_name: str = "predictions", r
             f"{pred_name} and {rec_name} share no site_id ({len(pt)} predicted, e.g. {pred.site_id[0]!r}; "
             f"{len(rt)} recorded, e.g. {rec.site_id[0]!r})"
         )
-    if len(stim) < max(len(ps), len(rs)) or len(sites) < max(len(pt), len(rt)):
+    ok = set(str(s) for s in unpredicted_ok)
+    rec_only = sorted(rs - ps)
+    rec_only_unexpected = [s for s in rec_only if s not in ok]
+    pred_only = sorted(ps - rs)
+    if rec_only_unexpected or pred_only or len(sites) < max(len(pt), len(rt)):
+        def eg(ids: list[str]) -> str:
+            return f" (e.g. {ids[0]!r})" if ids else ""
+
+        site_only = sorted((pt | rt) - (pt & rt))
         log.warning(
-            "partial match: %d stimuli in common (%d predicted, %d recorded), %d sites in common (%d predicted, %d recorded)",
-            len(stim), len(ps), len(rs), len(sites), len(pt), len(rt),
+            "partial match of %s and %s: %d stimuli in common; %d recorded without a prediction%s, "
+            "%d predicted but not recorded%s; %d sites in common (%d predicted, %d recorded)%s",
+            pred_name, rec_name, len(stim), len(rec_only), eg(rec_only), len(pred_only), eg(pred_only),
+            len(sites), len(pt), len(rt), eg(site_only),
         )
+    elif rec_only:
+        log.info("%d recorded stimuli without a prediction (expected, e.g. the natural images) are not scored; "
+                 "%d stimuli in common", len(rec_only), len(stim))
     p_st = {s: i for i, s in enumerate(pred.stimulus_id)}
     p_si = {s: i for i, s in enumerate(pred.site_id)}
     r_st = {s: i for i, s in enumerate(rec.stimulus_id)}
@@ -280,6 +309,8 @@ def join(pred: Predictions, rec: Recording, *, pred_name: str = "predictions", r
         "stimuli_matched": len(stim),
         "stimuli_predicted": len(ps),
         "stimuli_recorded": len(rs),
+        "stimuli_recorded_not_predicted": len(rec_only),
+        "stimuli_predicted_not_recorded": len(pred_only),
         "sites_matched": len(sites),
         "sites_predicted": len(pt),
         "sites_recorded": len(rt),

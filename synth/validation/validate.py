@@ -85,15 +85,19 @@ def site_report(
     seed: int = 0,
     pred_name: str = "predictions",
     rec_name: str = "recordings",
+    unpredicted_ok: Sequence[str] = (),
 ) -> tuple[dict[str, Any], FigureData]:
     """Per-site metrics and their medians (the first half of report.json).
+
+    ``unpredicted_ok``: recorded stimulus ids expected to lack a prediction (see
+    :func:`~synth.validation.metrics.join`); they are counted but not warned about.
 
     Returns:
         (JSON-ready dict with ``matched``, ``median_pearson_r``, ``median_r2_er``,
         ``median_split_half_reliability``, ``n_sites_included``, ``excluded_sites``,
         ``per_site``, ...; the arrays the HTML page plots).
     """
-    j = join(pred, rec, pred_name=pred_name, rec_name=rec_name)
+    j = join(pred, rec, pred_name=pred_name, rec_name=rec_name, unpredicted_ok=unpredicted_ok)
     m = site_metrics(j.predicted, j.responses, n_splits=n_splits, seed=seed)
     r, rel = m["pearson_r"], m["split_half_reliability"]
     included = np.isfinite(r)
@@ -120,7 +124,10 @@ def site_report(
         for i, s in enumerate(j.site_id)
     ]
     excluded = [{"site_id": p["site_id"], "reason": p["excluded_reason"]} for p in per_site if not p["included"]]
-    if excluded:
+    if not included.any():
+        log.warning("no site is in the medians (%d excluded: %s); the medians are undefined (null in report.json)",
+                    len(excluded), excluded[0]["reason"] if excluded else "no sites")
+    elif excluded:
         log.info("%d of %d sites excluded from the medians", len(excluded), len(per_site))
     out = {
         "matched": j.counts,
@@ -170,6 +177,7 @@ def build_report(
     seed: int = 0,
     pred_name: str = "predictions",
     rec_name: str = "recordings",
+    unpredicted_ok: Sequence[str] = (),
 ) -> tuple[dict[str, Any], FigureData]:
     """Everything in report.json (plus the figure data), without writing files.
 
@@ -185,7 +193,7 @@ def build_report(
     if min_reliability is not None and not (-1.0 <= float(min_reliability) <= 1.0):
         raise UserError(f"--min-reliability: expected a number in [-1, 1], got {min_reliability}")
     report, fig = site_report(pred, rec, min_reliability=min_reliability, n_splits=n_splits, seed=seed,
-                              pred_name=pred_name, rec_name=rec_name)
+                              pred_name=pred_name, rec_name=rec_name, unpredicted_ok=unpredicted_ok)
     report["settings"] = {"min_reliability": min_reliability, "n_bootstrap": int(n_bootstrap), "n_splits": int(n_splits), "seed": int(seed)}
     report["methods"] = dict(METHODS)
     if run_dir is not None:
@@ -197,8 +205,9 @@ def build_report(
         report.update(control)
         report["methods"]["control"] = (
             "stretch: target's best response to its stretch images vs its max over the natural set; one-hot: softmax over sites "
-            "of natural-set z-scores, target's score vs the best natural image's; 95% CIs: bootstrap over targets, repeats "
-            "within images and natural images."
+            "of natural-set z-scores, target's score vs the best natural image's; 95% CIs: percentile bootstrap over targets, "
+            "repeats within images and natural images. Resampled repeats add noise to every natural image's mean, which "
+            "raises the natural maximum in the bootstrap, so the intervals lean low (conservative) around the estimates."
         )
         fig.run_dir = Path(run_dir)
         fig.manifest = manifest
@@ -276,8 +285,11 @@ def run_validate(
     inputs["sha256"] = {str(p): _sha256(p) for p in (predictions, recordings)}
     report = {"kind": "synth validate report", "inputs": inputs, **report}
     write_report(out_p, report, fig)
-    log.info("report written: %s (median r %.3f, median r2_er %s)", out_p / REPORT_HTML, report["median_pearson_r"] or float("nan"),
-             report["median_r2_er"])
+    def f3(v: float | None) -> str:
+        return "undefined" if v is None else f"{v:.3f}"
+
+    log.info("report written: %s (median r %s, median r2_er %s, median split-half reliability %s)", out_p / REPORT_HTML,
+             f3(report["median_pearson_r"]), f3(report["median_r2_er"]), f3(report["median_split_half_reliability"]))
     return report
 
 
@@ -315,6 +327,7 @@ def closed_loop_report(
     report, fig = build_report(
         Predictions.load(stim), followup, run_dir=run, natural_ids=natural_ids, min_reliability=min_reliability,
         n_bootstrap=n_bootstrap, n_splits=n_splits, seed=seed, pred_name=str(stim), rec_name="follow-up recording",
+        unpredicted_ok=natural_ids,  # the follow-up also holds the natural set; stimuli.npz does not
     )
     control_keys = ("stretch", "one_hot", "synthetic_prediction", "natural", "bootstrap")
     out = {k: report[k] for k in control_keys if k in report}

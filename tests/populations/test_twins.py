@@ -181,6 +181,30 @@ def test_noise_none_returns_expected_exactly():
         twins.TwinRecorder(ensemble=recd.ensemble, slope=recd.slope, intercept=recd.intercept, noise="gaussian")
 
 
+def test_calibration_images_are_not_recomputed_and_reference_by_id(monkeypatch):
+    recd, x, y = _calibrated(noise="none")
+    full = recd.expected(x).numpy()
+    by_id = recd.natural_expected(["img3", "img0"])
+    np.testing.assert_allclose(by_id, full[[3, 0]], rtol=1e-5, atol=1e-4)
+    calls = []
+    real = recd.ensemble.outputs_cached
+
+    def spy(images, cache=True):
+        calls.append(int(images.shape[0]))
+        return real(images, cache=False)
+
+    monkeypatch.setattr(recd.ensemble, "outputs_cached", spy)
+    new = _images(3, seed=9)
+    both = recd.expected(torch.cat([x, new])).numpy()  # natural set + new images
+    assert calls == [3]  # only the new images go through the twins
+    np.testing.assert_allclose(both[:30], full, rtol=1e-6)
+    with torch.no_grad():
+        want = np.maximum(recd.ensemble(new).double().numpy() * recd.slope + recd.intercept, 0)
+    np.testing.assert_allclose(both[30:], want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(DataError, match="not among the 30 images"):
+        recd.natural_expected(["nope"])
+
+
 def test_twin_outputs_are_cached_outside_the_repo(tmp_path, monkeypatch):
     monkeypatch.setenv("SYNTH_CACHE_DIR", str(tmp_path / "cache"))
     ens, _ = _toy_ensemble(torch.float32)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import os
 from pathlib import Path
 
@@ -14,6 +15,17 @@ from synth.data.recordings import Recording
 from synth.validation.io import Predictions
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def _synth_logs_reach_caplog():
+    """`synth.cli.main` (run in-process by other test files) sets propagate=False on the
+    "synth" logger; caplog listens on the root logger, so restore propagation here."""
+    logger = logging.getLogger("synth")
+    before = logger.propagate
+    logger.propagate = True
+    yield
+    logger.propagate = before
 
 
 def cowley_root() -> Path | None:

@@ -171,3 +171,19 @@ def test_errors_and_partial_inputs(tmp_path, caplog):
     assert out["natural"] == {"n_images": len(d["natural_ids"]), "n_missing_from_recording": 1}
     text = caplog.text
     assert "ghost" in text and "texture" in text and "1 of 41 natural images" in text
+
+
+def test_bootstrap_resamples_natural_images(tmp_path):
+    """Noise-free repeats and a single target: only the resampling of natural images can
+    move the natural maximum, so the interval is wide exactly because of it."""
+    d = make_run(tmp_path, n_sites=3, n_natural=30, n_repeats=3, noise=0.0, seed=11)
+    rec = d["recording"]
+    manifest = [r for r in d["manifest"] if r["target_site"] == "site01"]
+    out = closed_loop_metrics(rec, None, manifest, d["natural_ids"], n_bootstrap=200, seed=0)
+    lo, hi = out["stretch"]["ci95"]["median_gain"]
+    assert out["stretch"]["n_targets"] == 1
+    assert lo <= out["stretch"]["median_gain"] <= hi and hi - lo > 0.02
+    # dropping the natural images' extremes only raises the gain: the interval reaches above the estimate
+    assert hi > out["stretch"]["median_gain"] + 0.01
+    lo, hi = out["one_hot"]["ci95"]["median_score_ratio"]
+    assert hi - lo > 0.0

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -15,10 +17,10 @@ import pytest
 from PIL import Image
 
 from synth.errors import DataError, UserError
-from synth.validation.io import Predictions, write_recording_csv
+from synth.validation.io import Predictions, load_recording, write_recording_csv
 from synth.validation.validate import build_report, closed_loop_report, run_validate
 
-from .conftest import make_run
+from .conftest import REPO, make_run
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -66,11 +68,10 @@ def test_end_to_end_writes_report_json_and_html(tmp_path, run):
 
 
 def test_csv_and_npz_give_identical_reports(tmp_path, run):
-    a = run_validate(str(tmp_path / "pred.npz"), str(tmp_path / "rec.npz"), str(tmp_path / "A"), str(run["run"]), n_bootstrap=30)
-    b = run_validate(str(tmp_path / "pred.npz"), str(tmp_path / "rec.csv"), str(tmp_path / "B"), str(run["run"]), n_bootstrap=30)
-    a.pop("inputs")
-    b.pop("inputs")
-    assert a == b
+    pred = Predictions.load(tmp_path / "pred.npz")
+    a, _ = build_report(pred, load_recording(tmp_path / "rec.npz"), run_dir=run["run"], n_bootstrap=30)
+    b, _ = build_report(pred, load_recording(tmp_path / "rec.csv"), run_dir=run["run"], n_bootstrap=30)
+    assert a == b and a["stretch"]["ci95"]["median_gain"] is not None
 
 
 def test_shuffled_recording_gives_identical_report(tmp_path, run):
@@ -114,24 +115,78 @@ def test_bad_inputs_leave_nothing_behind(tmp_path, run):
     assert not any(p.name.startswith(("o1", "o2", "o3", ".o")) for p in tmp_path.iterdir())
 
 
-def test_closed_loop_report_for_the_pipeline(tmp_path, run):
-    out = closed_loop_report(run["run"], run["recording"], natural_ids=run["natural_ids"], n_bootstrap=20, seed=0)
-    assert set(out) >= {"stretch", "one_hot", "synthetic_prediction", "validation"}
-    assert out["validation"]["matched"]["stimuli_matched"] == 12  # stimuli.npz: the synthesized images
-    assert (run["run"] / "report.html").exists()
-    json.dumps(out, allow_nan=False)
-    # the same figures as `synth validate --predictions RUN/stimuli.npz --stimuli RUN`
-    rep, _ = build_report(Predictions.load(run["run"] / "stimuli.npz"), run["recording"], run_dir=run["run"], n_bootstrap=20, seed=0)
-    assert rep["stretch"] == out["stretch"] and rep["one_hot"] == out["one_hot"]
-    assert rep["median_r2_er"] == out["validation"]["median_r2_er"]
+def test_closed_loop_and_synth_validate_agree_and_only_validate_warns(tmp_path, run, caplog):
+    """What the pipeline merges into the run's report.json equals what `synth validate`
+    writes for the same files and seed; the expected natural-only images of the follow-up
+    do not make the closed loop warn, while `synth validate` reports them with counts."""
+    seed = 987654321  # a derive_seed-sized seed, as the pipeline passes
+    with caplog.at_level(logging.WARNING, logger="synth"):
+        loop = closed_loop_report(run["run"], run["recording"], natural_ids=run["natural_ids"],
+                                  n_bootstrap=25, min_reliability=0.1, seed=seed)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    assert loop["validation"]["matched"]["stimuli_matched"] == 12  # stimuli.npz: the synthesized images
+    assert loop["validation"]["matched"]["stimuli_recorded_not_predicted"] == 40
+    assert (run["run"] / "report.html").read_text().startswith("<!DOCTYPE html>")
+    run["recording"].save(run["run"] / "followup.npz")  # the pipeline saves it there
+    json.dumps(loop, allow_nan=False)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="synth"):
+        rep = run_validate(str(run["run"] / "stimuli.npz"), str(run["run"] / "followup.npz"), str(tmp_path / "v"),
+                           str(run["run"]), min_reliability=0.1, n_bootstrap=25, seed=seed)
+    assert "partial match" in caplog.text and "12 stimuli in common" in caplog.text
+    assert "40 recorded without a prediction" in caplog.text
+    for key in ("stretch", "one_hot", "synthetic_prediction", "natural", "bootstrap"):
+        assert rep[key] == loop[key], key
+    assert set(loop["validation"]) <= set(rep)
+    for key, value in loop["validation"].items():
+        assert rep[key] == value, key
+    assert loop["validation"]["median_r2_er"] is not None and loop["stretch"]["ci95"]["median_gain"] is not None
+    # a different seed changes the bootstrap intervals: the equality above is not vacuous
+    other = closed_loop_report(run["run"], run["recording"], natural_ids=run["natural_ids"], n_bootstrap=25,
+                               min_reliability=0.1, seed=seed + 1, html=False)
+    assert other["stretch"]["ci95"] != loop["stretch"]["ci95"]
+    assert other["stretch"]["median_gain"] == loop["stretch"]["median_gain"]
 
 
-def _screenshot(html: Path, png: Path) -> None:
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "synth", *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+
+
+def test_cli_validate_end_to_end(tmp_path, run):
+    out = tmp_path / "cli_report"
+    res = _cli("validate", "--predictions", str(tmp_path / "pred.npz"), "--recordings", str(tmp_path / "rec.csv"),
+               "--out", str(out), "--stimuli", str(run["run"]), "--n-bootstrap", "20", "--seed", "3",
+               "--min-reliability", "0.2")
+    assert res.returncode == 0, res.stderr
+    rep = _load(out)
+    assert rep["settings"] == {"min_reliability": 0.2, "n_bootstrap": 20, "n_splits": 20, "seed": 3}
+    printed = dict(kv.split("=") for kv in res.stdout.split("\n")[0].split())
+    for k in ("median_pearson_r", "median_r2_er", "median_split_half_reliability"):
+        assert float(printed[k]) == pytest.approx(rep[k], abs=5e-4)
+    assert str(out) in res.stdout
+    assert rep["stretch"]["n_targets"] == 6 and (out / "report.html").stat().st_size > 10_000
+    # the same inputs through the library give the same report
+    lib, _ = build_report(Predictions.load(tmp_path / "pred.npz"), load_recording(tmp_path / "rec.csv"), run_dir=run["run"],
+                          min_reliability=0.2, n_bootstrap=20, seed=3)
+    assert {k: v for k, v in rep.items() if k not in ("kind", "inputs")} == lib
+    # user mistakes: exit status 2 and one line naming the file, no traceback, no folder
+    bad = _cli("validate", "--predictions", str(tmp_path / "missing.npz"), "--recordings", str(tmp_path / "rec.npz"),
+               "--out", str(tmp_path / "never"))
+    assert bad.returncode == 2
+    assert "missing.npz" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "never").exists()
+    again = _cli("validate", "--predictions", str(tmp_path / "pred.npz"), "--recordings", str(tmp_path / "rec.npz"),
+                 "--out", str(out))
+    assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def _screenshot(html: Path, png: Path, height: int) -> None:
     with tempfile.TemporaryDirectory() as profile:
         subprocess.run(
             [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={profile}", f"--screenshot={png}", "--window-size=1200,2400", html.resolve().as_uri()],
+             "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
+             f"--user-data-dir={profile}", f"--screenshot={png}", f"--window-size=1200,{height}", html.resolve().as_uri()],
             check=True, capture_output=True, timeout=120,
         )
 
@@ -139,17 +194,32 @@ def _screenshot(html: Path, png: Path) -> None:
 @pytest.mark.skipif(not os.path.exists(CHROMIUM) or shutil.which(CHROMIUM) is None,
                     reason="headless check needs Chromium at /usr/bin/chromium (apt-get install -y chromium)")
 def test_report_renders_in_headless_chromium(tmp_path, run):
+    """The page as a browser draws it: every figure decoded (their colours are on screen),
+    grayscale stimulus thumbnails below them, nothing wider than the window."""
+    rng = np.random.default_rng(0)
+    for png_file in (run["run"] / "stimuli").glob("*.png"):  # grayscale stimuli, as a rig shows them
+        Image.fromarray((rng.random((32, 32)) * 200 + 28).astype(np.uint8), mode="L").save(png_file)
     out = tmp_path / "report"
     run_validate(str(tmp_path / "pred.npz"), str(tmp_path / "rec.npz"), str(out), str(run["run"]), n_bootstrap=20)
-    png = tmp_path / "shot.png"
-    _screenshot(out / "report.html", png)
-    img = np.asarray(Image.open(png).convert("RGB")).astype(float)
-    assert img.shape[0] >= 2000 and img.shape[1] >= 1100
+    shot = tmp_path / "shot.png"
+    _screenshot(out / "report.html", shot, height=4000)
+    img = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    assert img.shape[:2] == (4000, 1200)
+    r, g, b = img[..., 0], img[..., 1], img[..., 2]
     nonwhite = (img < 240).any(axis=2)
-    assert nonwhite.mean() > 0.03  # text, plots and thumbnails, not a blank page
-    assert img.std() > 20
-    # something drawn in the plot area well below the header (the figures loaded)
-    assert nonwhite[600:1600].mean() > 0.02
-    # colour present (plot markers / thumbnails), not only black text
-    sat = img.max(axis=2) - img.min(axis=2)
-    assert (sat > 60).mean() > 0.005
+    rows = np.flatnonzero(nonwhite.any(axis=1))
+    cols = np.flatnonzero(nonwhite.any(axis=0))
+    assert rows.max() < 3990, "page longer than the screenshot: raise its height"
+    assert rows.max() > 1500 and cols.max() < 1190  # all sections laid out, no horizontal overflow
+    hues = {
+        "scatter / raw r² (blue)": (b > r + 60) & (b > g + 20),
+        "r²_ER (orange)": (r > 200) & (g > 110) & (g < 200) & (b < 130),
+        "bars above reference (green)": (g > r + 50) & (g > b + 50),
+        "bars below reference (red)": (r > g + 90) & (r > b + 90),
+    }
+    for name, mask in hues.items():
+        assert mask.sum() > 150, f"{name}: {mask.sum()} pixels, the figure did not render"
+    # the montage: textured gray thumbnails after the figures
+    gray = (np.abs(r - g) < 6) & (np.abs(g - b) < 6) & (r > 40) & (r < 215)
+    first_green = np.flatnonzero(hues["bars above reference (green)"].any(axis=1)).min()
+    assert gray[first_green:].sum() > 12 * 80 * 80 // 2, "stimulus thumbnails missing"

@@ -1,0 +1,407 @@
+"""The core stage: a shared core trained on a lab's *other* recording sessions, cached.
+
+A lab fits today's session with a core trained on its past sessions (one readout per
+session, :func:`synth.surrogate.fit.fit_core`) and only a readout on today's natural
+images. With ``fit.backbone: pretrained_core`` and ``fit.weights: auto`` the pipeline
+calls :func:`ensure_core`, which
+
+1. plans the core (:func:`plan_core`): the sessions under the data root minus the
+   evaluated session (and ``fit.core.exclude``), the digital-twin "teachers" used for
+   distillation (never the evaluated session's own twins: those are its follow-up
+   recorder), and a cache key = SHA-256 of the data files' checksums, the core config,
+   the image mode and the seed;
+2. loads ``<cache>/cores/<key>/core.pt`` when it exists (a second run reuses it), else
+   trains the core and writes it there atomically, with ``core.json`` (sessions, twins,
+   validation r, train time).
+
+Distillation (optional): each teacher session's twins, calibrated to their own neurons
+on their own session's natural images, label ``distill_images`` images drawn (seeded)
+from the core sessions; those labels enter ``fit_core`` as one extra "session" per
+teacher (``twins:<session>``). Twins are other neurons than the evaluated ones, used
+like any pretrained model.
+
+The cache lives outside the repository: ``fit.core.cache_dir``, else
+``$SYNTH_CACHE_DIR/cores``, else ``~/.cache/synth/cores``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from synth.errors import ConfigError, DataError
+from synth.runtime import derive_seed, file_sha256
+
+log = logging.getLogger(__name__)
+
+#: Bump when the core training changes in a way that invalidates cached cores.
+CORE_CACHE_VERSION = 1
+CORE_FILE = "core.pt"
+CORE_INFO = "core.json"
+
+
+@dataclass(frozen=True, kw_only=True)
+class CoreConfig:
+    """The ``fit.core`` section: how the shared core is trained (``weights: auto``).
+
+    The core is a ``small_cnn`` (``backbone_kwargs``) trained with one readout per
+    session; early stopping on the mean over sessions of the validation median r.
+    """
+
+    sessions: tuple[str, ...] | None = field(
+        default=None, metadata={"help": "sessions to train on (default: every session under target.root except the evaluated one)"}
+    )
+    exclude: tuple[str, ...] = field(default=(), metadata={"help": "further sessions to leave out"})
+    distill_twins: str | tuple[str, ...] = field(
+        default="none",
+        metadata={"help": "sessions whose digital twins label extra images: none, auto (all with twins but the evaluated one) or a list"},
+    )
+    distill_images: int = field(default=2000, metadata={"min": 2, "help": "images (from the core sessions) each teacher labels"})
+    backbone_kwargs: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "small_cnn arguments (channels, n_layers, first_kernel, ...)"}
+    )
+    input_size: int = field(default=64, metadata={"min": 16, "max": 1024, "help": "core input size (images are resized once)"})
+    readout: dict[str, Any] | str = field(default_factory=lambda: {"name": "factorized"}, metadata={"help": "per-session readout"})
+    loss: str = field(default="poisson", metadata={"choices": ("poisson", "mse")})
+    epochs: int = field(default=30, metadata={"min": 1, "max": 100000})
+    batch_size: int = field(default=64, metadata={"min": 2, "max": 65536})
+    lr: float = field(default=3e-3, metadata={"min": 0.0})
+    weight_decay: float = field(default=0.0, metadata={"min": 0.0})
+    patience: int = field(default=6, metadata={"min": 1})
+    lr_schedule: str = field(default="cosine", metadata={"choices": ("plateau", "cosine")})
+    augment_shift: int = field(default=0, metadata={"min": 0, "max": 64, "help": "random shifts (pixels at input_size)"})
+    val_fraction: float = field(default=0.1, metadata={"min": 0.01, "max": 0.5, "help": "per-session images for early stopping"})
+    max_minutes: float | None = field(default=55.0, metadata={"min": 0.0, "help": "stop training after this many minutes (best epoch kept)"})
+    cache_dir: str | None = field(default=None, metadata={"help": "where cores are cached (default $SYNTH_CACHE_DIR or ~/.cache/synth)"})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.readout, str):
+            object.__setattr__(self, "readout", {"name": self.readout})
+        if isinstance(self.distill_twins, str) and self.distill_twins not in ("none", "auto"):
+            raise ConfigError(f"expected none, auto or a list of session ids, got {self.distill_twins!r}", key="distill_twins")
+        self.fit_config()  # validates backbone_kwargs and readout
+
+    def fit_config(self):
+        """The :class:`~synth.surrogate.fit.FitConfig` handed to ``fit_core``."""
+        from synth.configtools import from_dict
+        from synth.surrogate.fit import FitConfig
+
+        val = float(self.val_fraction)
+        return from_dict(
+            FitConfig,
+            {
+                "backbone": "small_cnn",
+                "weights": "none",
+                "backbone_kwargs": dict(self.backbone_kwargs),
+                "readout": dict(self.readout),
+                "loss": self.loss,
+                "epochs": self.epochs,
+                "batch_size": self.batch_size,
+                "lr": self.lr,
+                "weight_decay": self.weight_decay,
+                "patience": self.patience,
+                "lr_schedule": self.lr_schedule,
+                "augment_shift": self.augment_shift,
+                "input_size": self.input_size,
+                # fit_core splits train : val; the test share is unused here
+                "split": {"train": round(0.99 - val, 6), "val": val, "test": 0.01},
+            },
+        )
+
+
+def cache_root(cc: CoreConfig | None = None) -> Path:
+    """Folder holding cached cores (outside the repository)."""
+    if cc is not None and cc.cache_dir:
+        return Path(os.path.expanduser(cc.cache_dir))
+    from synth.populations.twins import cache_dir
+
+    return cache_dir() / "cores"
+
+
+@dataclass(frozen=True)
+class CorePlan:
+    """What a core stage will use, decided before any training.
+
+    Attributes:
+        root: data root.
+        evaluated: the evaluated session (never in ``sessions``; its twins never in ``teachers``).
+        sessions: sessions whose recordings train the core.
+        teachers: sessions whose digital twins label extra images.
+        grayscale: image mode of the core (that of the experiment).
+        seed: training seed.
+        key: cache key (SHA-256 hex).
+        path: the cached core file.
+        checksums: data file -> SHA-256 that entered the key.
+    """
+
+    root: str
+    evaluated: str
+    sessions: tuple[str, ...]
+    teachers: tuple[str, ...]
+    grayscale: bool
+    seed: int
+    key: str
+    path: Path
+    checksums: Mapping[str, str]
+    config: CoreConfig
+
+
+def plan_core(cc: CoreConfig, *, root: str | os.PathLike, evaluated: str, grayscale: bool, seed: int) -> CorePlan:
+    """Decide the core's sessions, teachers and cache key (cheap; validates the config).
+
+    Raises:
+        ConfigError: the evaluated session (or its twins) requested for the core, an
+            unknown session, no session left, a teacher without twins.
+    """
+    from synth.data import cowley
+
+    root = str(root)
+    evaluated = str(evaluated)
+    present = cowley.list_sessions(root)
+    excluded = {evaluated, *(str(s) for s in cc.exclude)}
+    if cc.sessions is None:
+        sessions = [s for s in present if s not in excluded]
+    else:
+        sessions = [str(s) for s in cc.sessions]
+        if evaluated in sessions:
+            raise ConfigError(
+                f"lists the evaluated session {evaluated}; the core must be trained on other sessions", key="fit.core.sessions"
+            )
+        unknown = [s for s in sessions if s not in present]
+        if unknown:
+            raise ConfigError(f"no session '{unknown[0]}' under {root}; sessions present: {', '.join(present)}", key="fit.core.sessions")
+        sessions = [s for s in dict.fromkeys(sessions) if s not in excluded]
+    if not sessions:
+        raise ConfigError(f"no session left to train the core on under {root} (evaluated {evaluated}, excluded {sorted(excluded)})", key="fit.core.sessions")
+    with_twins = cowley.twin_sessions(root)
+    if cc.distill_twins == "none":
+        teachers: list[str] = []
+    elif cc.distill_twins == "auto":
+        teachers = [s for s in with_twins if s != evaluated]
+    else:
+        teachers = [str(s) for s in cc.distill_twins]
+        if evaluated in teachers:
+            raise ConfigError(
+                f"lists the evaluated session {evaluated}: its own twins are its follow-up recorder and never train its surrogate",
+                key="fit.core.distill_twins",
+            )
+        missing = [s for s in teachers if s not in with_twins]
+        if missing:
+            raise ConfigError(f"session '{missing[0]}' has no digital twins under {root} (sessions with twins: {', '.join(with_twins) or 'none'})", key="fit.core.distill_twins")
+        teachers = list(dict.fromkeys(teachers))
+    checksums: dict[str, str] = {}
+    for s in sorted(set(sessions) | set(teachers)):
+        for p in (cowley.images_path(root, s), cowley.averaged_path(root, s)):
+            checksums[f"{s}/{p.name}"] = file_sha256(p)
+    for t in teachers:
+        for k, p in cowley.twin_files(root, t).items():
+            checksums[f"{t}/{p.name}"] = file_sha256(p)
+    from synth.configtools import to_dict
+
+    cfg_d = to_dict(cc)
+    cfg_d.pop("cache_dir", None)
+    cfg_d.pop("max_minutes", None)  # a time limit does not change what is trained, only how long
+    blob = json.dumps(
+        {
+            "version": CORE_CACHE_VERSION,
+            "config": cfg_d,
+            "sessions": sessions,
+            "teachers": teachers,
+            "grayscale": bool(grayscale),
+            "seed": int(seed),
+            "checksums": checksums,
+        },
+        sort_keys=True,
+        default=str,
+    )
+    key = hashlib.sha256(blob.encode()).hexdigest()
+    path = cache_root(cc) / key[:24] / CORE_FILE
+    return CorePlan(root, evaluated, tuple(sessions), tuple(teachers), bool(grayscale), int(seed), key, path, checksums, cc)
+
+
+def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """The resize ``Backbone.preprocess`` would apply (bilinear, antialiased), done once."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    out = []
+    for i in range(0, x.shape[0], 256):
+        xb = x[i : i + 256]
+        down = xb.shape[-1] > size
+        out.append(F.interpolate(xb, size=(size, size), mode="bilinear", align_corners=False, antialias=down).clamp_(0, 1))
+    return torch.cat(out)
+
+
+def _to_mode(x_rgb: torch.Tensor, grayscale: bool) -> torch.Tensor:
+    if not grayscale:
+        return x_rgb
+    from synth.data.cowley import LUMA
+
+    w = torch.tensor(LUMA, dtype=x_rgb.dtype).view(1, 3, 1, 1)
+    return (x_rgb * w).sum(dim=1, keepdim=True).clamp_(0.0, 1.0)
+
+
+def training_sets(plan: CorePlan) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[str], dict[str, Any]]:
+    """Load the core's datasets: one per session, plus one per teacher's twins.
+
+    Returns:
+        (datasets, names, info): datasets of (images at ``input_size`` in the plan's
+        image mode, responses (N, S)); names ``"<session>"`` / ``"twins:<session>"``.
+
+    Raises:
+        DataError: if the evaluated session would enter (a guard; ``plan_core`` excludes it).
+    """
+    from synth.data import cowley
+
+    if plan.evaluated in plan.sessions or plan.evaluated in plan.teachers:
+        raise DataError(f"core plan includes the evaluated session {plan.evaluated}")
+    cc = plan.config
+    size = int(cc.input_size)
+    datasets: list[tuple[torch.Tensor, torch.Tensor]] = []
+    names: list[str] = []
+    native: dict[str, torch.Tensor] = {}
+    counts: dict[str, dict[str, int]] = {}
+    for s in plan.sessions:
+        _, x, rec = cowley.load_session(plan.root, s, image_size=cowley.NATIVE_SIZE, grayscale=False)
+        y = torch.as_tensor(rec.mean().T, dtype=torch.float32)
+        if plan.teachers:
+            native[s] = x
+        datasets.append((_resize(_to_mode(x, plan.grayscale), size), y))
+        names.append(s)
+        counts[s] = {"images": int(x.shape[0]), "sites": int(y.shape[1])}
+        log.info("core data: session %s, %d images, %d sites", s, x.shape[0], y.shape[1])
+    teacher_info: dict[str, Any] = {}
+    if plan.teachers:
+        pool = torch.cat([native[s] for s in plan.sessions])
+        origin = np.concatenate([[f"{s}:{i}" for i in range(native[s].shape[0])] for s in plan.sessions])
+        rng = np.random.default_rng(derive_seed(plan.seed, "core-distill"))
+        n = min(int(cc.distill_images), pool.shape[0])
+        idx = np.sort(rng.choice(pool.shape[0], size=n, replace=False))
+        x_sel = pool[torch.as_tensor(idx)]
+        for t in plan.teachers:
+            rec_t = _teacher(plan.root, t)
+            t0 = time.perf_counter()
+            y_t = rec_t.expected(x_sel).float()
+            datasets.append((_resize(_to_mode(x_sel, plan.grayscale), size), y_t))
+            names.append(f"twins:{t}")
+            teacher_info[t] = {
+                "n_twins": int(y_t.shape[1]),
+                "n_images": int(n),
+                "image_sessions": sorted({o.split(":")[0] for o in origin[idx]}),
+                "calibration_median_r": rec_t.info.get("median_r"),
+                "label_seconds": round(time.perf_counter() - t0, 1),
+            }
+            log.info("core data: twins of %s labelled %d images (%.0f s)", t, n, time.perf_counter() - t0)
+    return datasets, names, {"sessions": counts, "teachers": teacher_info}
+
+
+def _teacher(root: str, session: str):
+    """A teacher session's twins calibrated on that session's own natural images."""
+    from synth.populations.twins import build_cowley2023
+
+    return build_cowley2023(root=root, session=session, followup_noise="none").recorder()
+
+
+def read_cached(plan: CorePlan) -> dict[str, Any] | None:
+    """The cached core's info (None when absent or unreadable)."""
+    info_path = plan.path.with_name(CORE_INFO)
+    if not (plan.path.exists() and info_path.exists()):
+        return None
+    try:
+        info = json.loads(info_path.read_text())
+        obj = torch.load(plan.path, map_location="cpu", weights_only=True)
+    except Exception as err:  # damaged cache entry: retrain
+        log.warning("ignoring unreadable cached core %s (%s)", plan.path, err)
+        return None
+    from synth.surrogate.backbones import CORE_FORMAT
+
+    if not isinstance(obj, Mapping) or obj.get("format") != CORE_FORMAT or info.get("key") != plan.key:
+        log.warning("ignoring cached core %s (wrong format or key)", plan.path)
+        return None
+    return info
+
+
+def ensure_core(plan: CorePlan, *, device: torch.device | str = "cpu") -> tuple[Path, dict[str, Any]]:
+    """The cached core of ``plan``, trained first if it is not cached yet.
+
+    Returns:
+        (path, info): the core file (``weights`` for ``pretrained_core``) and a JSON-ready
+        dict: ``cache`` (``hit``/``miss``), ``key``, ``sessions``, ``excluded_session``,
+        ``distill_twins``, ``mean_val_median_r``, ``train_seconds``...
+    """
+    info = read_cached(plan)
+    if info is not None:
+        log.info("core: reusing cached core %s (sessions %s; twins %s)", plan.path, ", ".join(plan.sessions), ", ".join(plan.teachers) or "none")
+        return plan.path, {**info, "cache": "hit", "path": str(plan.path)}
+    from synth.surrogate.fit import fit_core, save_core
+
+    log.info(
+        "core: training on sessions %s (evaluated %s excluded; distillation twins: %s); cache %s",
+        ", ".join(plan.sessions), plan.evaluated, ", ".join(plan.teachers) or "none", plan.path,
+    )
+    t0 = time.perf_counter()
+    datasets, names, data_info = training_sets(plan)
+    load_s = time.perf_counter() - t0
+    cc = plan.config
+    max_s = None if cc.max_minutes is None else float(cc.max_minutes) * 60.0
+    core, rep = fit_core(datasets, cc.fit_config(), device=device, seed=plan.seed, names=names, max_seconds=max_s)
+    from synth.configtools import to_dict
+
+    info = {
+        "key": plan.key,
+        "sessions": list(plan.sessions),
+        "excluded_session": plan.evaluated,
+        "excluded": sorted({plan.evaluated, *cc.exclude}),
+        "distill_twins": list(plan.teachers),
+        "data": data_info,
+        "config": {k: v for k, v in to_dict(cc).items() if k != "cache_dir"},
+        "grayscale": plan.grayscale,
+        "seed": plan.seed,
+        "checksums": dict(plan.checksums),
+        "mean_val_median_r": rep["mean_val_median_r"],
+        "val_median_r": rep["val_median_r"],
+        "epochs_run": rep["epochs_run"],
+        "best_epoch": rep["best_epoch"],
+        "stopped_by_time_limit": rep.get("stopped_by_time_limit", False),
+        "data_seconds": round(load_s, 1),
+        "train_seconds": rep["train_seconds"],
+        "total_seconds": round(time.perf_counter() - t0, 1),
+        "torch_threads": torch.get_num_threads(),
+    }
+    folder = plan.path.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{CORE_FILE}.{os.getpid()}.tmp"
+    save_core(core, str(tmp))
+    os.replace(tmp, plan.path)
+    tmp_info = folder / f".{CORE_INFO}.{os.getpid()}.tmp"
+    tmp_info.write_text(json.dumps(info, indent=2, default=_json_default) + "\n")
+    os.replace(tmp_info, plan.path.with_name(CORE_INFO))
+    log.info("core: trained in %.0f s (mean val median r %.3f), cached at %s", info["total_seconds"], info["mean_val_median_r"], plan.path)
+    return plan.path, {**info, "cache": "miss", "path": str(plan.path)}
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, (np.ndarray, tuple)):
+        return list(o)
+    return str(o)
+
+
+def core_summary(info: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a core's info that goes into report.json / provenance.json."""
+    keys = (
+        "cache", "path", "key", "sessions", "excluded_session", "excluded", "distill_twins", "mean_val_median_r",
+        "val_median_r", "epochs_run", "best_epoch", "stopped_by_time_limit", "train_seconds", "total_seconds", "data",
+    )
+    return {k: info.get(k) for k in keys if k in info}
+

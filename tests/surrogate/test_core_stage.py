@@ -1,0 +1,299 @@
+"""The core stage (``fit.weights: auto``): session exclusion, twin exclusion, cache reuse, config.
+
+Most tests use a tiny data root in the layout of the Cowley 2023 release, built in a
+temporary folder (3 sessions of 24 random images, random compact-model "twins" for two of
+them), so that a whole core training takes a second; the checks on the real shared data
+skip with a stated reason where it is absent.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from _shared import cowley_root, requires_cowley
+from synth.configtools import from_dict
+from synth.data import cowley
+from synth.errors import ConfigError, DataError
+from synth.populations import twins
+from synth.surrogate import core as core_mod
+from synth.surrogate.core import CoreConfig, ensure_core, plan_core
+from synth.surrogate.fit import FitConfig
+
+N_IMAGES = 24
+SITES = {"a1": 2, "b2": 3, "c3": 2}
+WITH_TWINS = ("a1", "c3")
+TINY_CORE = {
+    "backbone_kwargs": {"channels": 4, "n_layers": 2, "first_kernel": 5},
+    "input_size": 16,
+    "epochs": 1,
+    "batch_size": 8,
+    "val_fraction": 0.25,
+    "distill_images": 10,
+}
+
+
+def _jpeg(rng: np.random.Generator) -> bytes:
+    a = rng.integers(0, 256, size=(14, 14, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(a).resize((112, 112), Image.BILINEAR).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _twin_state(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    state = twins.CompactTwin([2, 2, 2, 2, 2]).double().state_dict()
+    out = {}
+    for k, v in state.items():
+        if k.endswith("num_batches_tracked"):
+            out[k] = v
+        elif k.endswith("running_var"):
+            out[k] = torch.ones_like(v)
+        elif k.endswith("running_mean"):
+            out[k] = torch.zeros_like(v)
+        elif k.endswith("_bn.weight"):
+            out[k] = 1.0 + 0.2 * torch.randn(v.shape, generator=g, dtype=v.dtype)
+        elif k.endswith("bias"):
+            out[k] = 0.3 + 0.1 * torch.randn(v.shape, generator=g, dtype=v.dtype)
+        elif k.startswith("layers.layer0_conv"):
+            out[k] = 0.005 * torch.randn(v.shape, generator=g, dtype=v.dtype)
+        else:
+            out[k] = 0.2 * torch.randn(v.shape, generator=g, dtype=v.dtype)
+    return out
+
+
+@pytest.fixture(scope="module")
+def fake_root(tmp_path_factory) -> Path:
+    """A data root with sessions a1, b2, c3 (twins for a1 and c3)."""
+    root = tmp_path_factory.mktemp("cowley") / "root"
+    (root / cowley.IMAGES_DIR).mkdir(parents=True)
+    (root / cowley.AVERAGED_DIR).mkdir(parents=True)
+    (root / cowley.MODELS_DIR).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for s, n_sites in SITES.items():
+        with zipfile.ZipFile(cowley.images_path(root, s), "w") as zf:
+            for k in range(N_IMAGES):
+                zf.writestr(f"image{k + 1:04d}.jpg", _jpeg(rng))
+        np.save(cowley.averaged_path(root, s), rng.gamma(2.0, 2.0, size=(n_sites, N_IMAGES)))
+        if s in WITH_TWINS:
+            for k in range(n_sites):
+                torch.save(_twin_state(100 * len(s) + k + ord(s[0])), root / cowley.MODELS_DIR / f"compact_model_{s}_neuron{k}.pt")
+    return root
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    d = tmp_path / "cache"
+    monkeypatch.setenv("SYNTH_CACHE_DIR", str(d))
+    return d
+
+
+def _cc(**kw) -> CoreConfig:
+    return from_dict(CoreConfig, {**TINY_CORE, **kw})
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_fit_config_core_keys_validated():
+    fc = from_dict(FitConfig, {"backbone": "pretrained_core", "weights": "auto", "core": {"epochs": 3, "distill_twins": ["x"]}})
+    assert fc.core.epochs == 3 and fc.core.distill_twins == ("x",)
+    with pytest.raises(ConfigError, match="needs backbone pretrained_core"):
+        from_dict(FitConfig, {"backbone": "small_cnn", "weights": "auto"})
+    with pytest.raises(ConfigError, match="only with backbone: pretrained_core and weights: auto"):
+        from_dict(FitConfig, {"backbone": "pretrained_core", "weights": "/tmp/x.pt", "core": {}})
+    with pytest.raises(ConfigError, match="core.epochs"):
+        from_dict(FitConfig, {"backbone": "pretrained_core", "weights": "auto", "core": {"epochs": 0}})
+    with pytest.raises(ConfigError, match="distill_twins"):
+        from_dict(FitConfig, {"backbone": "pretrained_core", "weights": "auto", "core": {"distill_twins": "all"}})
+    with pytest.raises(ConfigError, match="unknown key 'sesions'"):
+        from_dict(FitConfig, {"backbone": "pretrained_core", "weights": "auto", "core": {"sesions": ["a"]}})
+    with pytest.raises(ConfigError, match="backbone_kwargs"):
+        from_dict(CoreConfig, {"backbone_kwargs": {"n_layerz": 3}})
+
+
+def test_closed_loop_config_loads():
+    from synth.config import load_config
+
+    repo = Path(__file__).resolve().parents[2]
+    cfg = load_config(repo / "configs" / "cowley2023_closed_loop.yaml", ["target.session=190923"])
+    assert cfg.fit.weights == "auto" and cfg.fit.backbone == "pretrained_core"
+    assert cfg.target.session == "190923" and cfg.target.root.endswith("cowley2023_v4")
+    assert abs(cfg.fit.split.test - 0.5) < 1e-9  # the readout is fitted on one half, tested on the other
+    with pytest.raises(ConfigError, match="fit.core"):
+        load_config(repo / "configs" / "cowley2023_closed_loop.yaml", ["fit.weights=/tmp/core.pt"])
+
+
+def test_auto_weights_need_a_real_data_target():
+    from types import SimpleNamespace
+
+    from synth.config import Config
+    from synth.pipeline import plan_core_stage
+
+    cfg = from_dict(Config, {"fit": {"backbone": "pretrained_core", "weights": "auto"}})
+    with pytest.raises(ConfigError, match="real-data target"):
+        plan_core_stage(cfg, SimpleNamespace(name="virtual_v4"))
+    assert plan_core_stage(from_dict(Config, {}), SimpleNamespace(name="virtual_v4")) is None
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def test_plan_excludes_evaluated_session_and_its_twins(fake_root, cache):
+    plan = plan_core(_cc(distill_twins="auto"), root=fake_root, evaluated="c3", grayscale=False, seed=1)
+    assert plan.sessions == ("a1", "b2")
+    assert plan.teachers == ("a1",)  # c3 has twins too, but c3 is evaluated
+    assert not any(k.startswith("c3/") for k in plan.checksums)
+    assert str(plan.path).startswith(str(cache))
+    plan2 = plan_core(_cc(distill_twins="auto", exclude=["b2"]), root=fake_root, evaluated="a1", grayscale=False, seed=1)
+    assert plan2.sessions == ("c3",) and plan2.teachers == ("c3",)
+
+
+def test_plan_rejects_evaluated_session_or_twins(fake_root, cache):
+    with pytest.raises(ConfigError, match="evaluated session c3"):
+        plan_core(_cc(sessions=["a1", "c3"]), root=fake_root, evaluated="c3", grayscale=False, seed=0)
+    with pytest.raises(ConfigError, match="its own twins"):
+        plan_core(_cc(distill_twins=["c3"]), root=fake_root, evaluated="c3", grayscale=False, seed=0)
+    with pytest.raises(ConfigError, match="no digital twins"):
+        plan_core(_cc(distill_twins=["b2"]), root=fake_root, evaluated="c3", grayscale=False, seed=0)
+    with pytest.raises(ConfigError, match="no session 'zz'"):
+        plan_core(_cc(sessions=["zz"]), root=fake_root, evaluated="c3", grayscale=False, seed=0)
+    with pytest.raises(ConfigError, match="no session left"):
+        plan_core(_cc(exclude=["a1", "b2"]), root=fake_root, evaluated="c3", grayscale=False, seed=0)
+
+
+def test_cache_key_tracks_config_seed_mode_and_data(fake_root, cache):
+    base = plan_core(_cc(), root=fake_root, evaluated="c3", grayscale=False, seed=0)
+    same = plan_core(_cc(max_minutes=5.0), root=fake_root, evaluated="c3", grayscale=False, seed=0)
+    assert same.key == base.key  # a time limit does not change what is trained
+    for other in (
+        plan_core(_cc(), root=fake_root, evaluated="c3", grayscale=False, seed=1),
+        plan_core(_cc(), root=fake_root, evaluated="c3", grayscale=True, seed=0),
+        plan_core(_cc(epochs=2), root=fake_root, evaluated="c3", grayscale=False, seed=0),
+        plan_core(_cc(), root=fake_root, evaluated="b2", grayscale=False, seed=0),
+    ):
+        assert other.key != base.key and other.path != base.path
+
+
+# --------------------------------------------------------------------------- training + cache
+
+
+def test_core_never_loads_evaluated_session_and_cache_is_reused(fake_root, cache, monkeypatch):
+    loaded: list[str] = []
+    twin_sessions_loaded: list[str] = []
+    real_load, real_twins = cowley.load_session, twins.load_twins
+
+    def spy_load(root, session, **kw):
+        loaded.append(str(session))
+        return real_load(root, session, **kw)
+
+    def spy_twins(root, session, **kw):
+        twin_sessions_loaded.append(str(session))
+        return real_twins(root, session, **kw)
+
+    monkeypatch.setattr(cowley, "load_session", spy_load)
+    monkeypatch.setattr(twins, "load_twins", spy_twins)
+    plan = plan_core(_cc(distill_twins="auto"), root=fake_root, evaluated="c3", grayscale=False, seed=3)
+    path, info = ensure_core(plan)
+    assert info["cache"] == "miss" and path.exists() and path == plan.path
+    assert "c3" not in loaded and set(loaded) == {"a1", "b2"}
+    assert twin_sessions_loaded == ["a1"]  # only the other session's twins label images
+    assert info["sessions"] == ["a1", "b2"] and info["excluded_session"] == "c3" and info["distill_twins"] == ["a1"]
+    assert info["data"]["teachers"]["a1"]["n_images"] == 10
+    assert "c3" not in info["data"]["teachers"]["a1"]["image_sessions"]
+    assert set(info["val_median_r"]) == {"a1", "b2", "twins:a1"}
+    saved = json.loads(path.with_name("core.json").read_text())
+    assert saved["key"] == plan.key
+
+    # second run: the cached core, no training, no data loading
+    loaded.clear()
+
+    def no_training(*a, **k):
+        raise AssertionError("the cached core should have been reused")
+
+    monkeypatch.setattr("synth.surrogate.fit.fit_core", no_training)
+    path2, info2 = ensure_core(plan_core(_cc(distill_twins="auto"), root=fake_root, evaluated="c3", grayscale=False, seed=3))
+    assert info2["cache"] == "hit" and path2 == path and loaded == []
+
+    # the cached core is a pretrained_core for the evaluated session
+    from synth.surrogate.backbones import build_backbone
+
+    bb = build_backbone("pretrained_core", weights=str(path), in_channels=3)
+    assert bb.input_size == 16 and bb(torch.rand(2, 3, 112, 112)).shape[0] == 2
+
+
+def test_damaged_cache_entry_is_retrained(fake_root, cache):
+    plan = plan_core(_cc(), root=fake_root, evaluated="a1", grayscale=True, seed=0)
+    plan.path.parent.mkdir(parents=True)
+    plan.path.write_bytes(b"not a checkpoint")
+    plan.path.with_name("core.json").write_text("{}")
+    _, info = ensure_core(plan)
+    assert info["cache"] == "miss"
+    assert ensure_core(plan)[1]["cache"] == "hit"
+
+
+def test_training_guard_refuses_evaluated_session(fake_root, cache):
+    import dataclasses
+
+    plan = plan_core(_cc(), root=fake_root, evaluated="c3", grayscale=False, seed=0)
+    bad = dataclasses.replace(plan, sessions=("a1", "c3"))
+    with pytest.raises(DataError, match="evaluated session c3"):
+        core_mod.training_sets(bad)
+
+
+def test_pipeline_with_core_stage(fake_root, cache, tmp_path):
+    """The whole loop on the tiny root: core trained then reused, twins' reference r reported."""
+    from synth.config import Config
+    from synth.pipeline import run_pipeline
+
+    repo = Path(__file__).resolve().parents[2]
+    data = {
+        "name": "core_stage",
+        "device": "cpu",
+        "target": {"file": str(repo / "targets" / "cowley2023.yaml"), "root": str(fake_root), "session": "c3", "params": {"followup_noise": "none"}},
+        "data": {"image_size": 112, "grayscale": False},
+        "fit": {
+            "backbone": "pretrained_core", "weights": "auto", "epochs": 2, "batch_size": 8,
+            "split": {"train": 0.4, "val": 0.1, "test": 0.5},
+            "core": {**TINY_CORE, "distill_twins": "auto"},
+        },
+        "stimuli": {"seeds_per_target": 1},
+        "synthesis": {"steps": 2, "batch_size": 4},
+        "followup": {"n_repeats": 2},
+        "validate": {"n_bootstrap": 0},
+    }
+    cfg = from_dict(Config, data)
+    out = run_pipeline(cfg, out=str(tmp_path / "run1"))
+    rep = json.loads((out / "report.json").read_text())
+    prov = json.loads((out / "provenance.json").read_text())
+    assert rep["core"]["cache"] == "miss" and rep["core"]["sessions"] == ["a1", "b2"]
+    assert rep["core"]["distill_twins"] == ["a1"] and rep["core"]["excluded_session"] == "c3"
+    assert prov["core"]["key"] == rep["core"]["key"]
+    assert np.isfinite(rep["fit"]["reference_median_r_test"]) and rep["fit"]["n_test_images"] == N_IMAGES // 2
+    assert "core" in rep["timing"]
+    resolved = (out / "config.resolved.yaml").read_text()
+    assert "weights: auto" in resolved  # re-running the resolved config reuses the cache
+    out2 = run_pipeline(cfg, out=str(tmp_path / "run2"))
+    assert json.loads((out2 / "report.json").read_text())["core"]["cache"] == "hit"
+
+
+# --------------------------------------------------------------------------- real data
+
+
+@requires_cowley
+@pytest.mark.parametrize("evaluated,other", [("201025", "190923"), ("190923", "201025")])
+def test_real_plan_uses_other_sessions_and_other_twins(evaluated, other, tmp_path, monkeypatch):
+    monkeypatch.setenv("SYNTH_CACHE_DIR", str(tmp_path))
+    root = cowley_root()
+    plan = plan_core(from_dict(CoreConfig, {"distill_twins": "auto"}), root=root, evaluated=evaluated, grayscale=False, seed=0)
+    present = cowley.list_sessions(root)
+    assert evaluated not in plan.sessions and set(plan.sessions) == set(present) - {evaluated}
+    assert plan.teachers == (other,)
+    assert not any(k.startswith(f"{evaluated}/") for k in plan.checksums)

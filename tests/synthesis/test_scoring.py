@@ -1,0 +1,71 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from synth.synthesis.scoring import ensemble_guard, held_out_splits, score_with
+from .helpers import TinySurrogate, natural_like
+
+
+class Scaled(nn.Module):
+    """Another 'surrogate': the same model's responses times a factor plus an offset, per site."""
+
+    def __init__(self, base: nn.Module, factor: torch.Tensor, offset: float = 0.0) -> None:
+        super().__init__()
+        self.base, self.offset = base, offset
+        self.register_buffer("factor", factor)
+
+    def forward(self, x):
+        return self.base(x) * self.factor + self.offset
+
+
+def _u8(x: torch.Tensor) -> np.ndarray:
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def test_score_with_uses_uint8_images_as_saved():
+    m = TinySurrogate(4, channels=1)
+    x = natural_like(3, 1, 24, seed=2)
+    u8 = _u8(x)
+    got = score_with(m, u8, batch_size=2)
+    want = m(torch.as_tensor(u8).permute(0, 3, 1, 2).float() / 255).numpy()
+    assert got.shape == (3, 4) and np.allclose(got, want, atol=1e-6)
+
+
+def test_held_out_splits_partition_differently():
+    train, val = np.arange(0, 30), np.arange(30, 36)
+    t2, v2 = held_out_splits(train, val, seed=3)
+    assert t2.size == train.size and v2.size == val.size
+    assert set(val) <= set(t2)  # the primary's validation images are trained on
+    assert set(v2) <= set(train) and not set(v2) & set(t2)
+    assert np.array_equal(held_out_splits(train, val, seed=3)[1], v2)
+    assert not np.array_equal(held_out_splits(train, val, seed=4)[1], v2)
+    with pytest.raises(ValueError):
+        held_out_splits(np.arange(3), np.arange(3, 6), seed=0)
+
+
+def test_ensemble_guard_scale_free_and_flags_disagreement():
+    m = TinySurrogate(4, channels=1)
+    nat = natural_like(30, 1, 24, seed=1)
+    imgs = _u8(natural_like(6, 1, 24, seed=5))
+    x = torch.as_tensor(imgs).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        pred, nat_p = m(x).numpy(), m(nat).numpy()
+    targets = np.array([0, 1, 2, 3, 0, 1])
+    # a held-out model that is the same up to per-site scale and offset agrees everywhere
+    same = Scaled(m, torch.tensor([2.0, 0.5, 3.0, 1.0]), offset=1.0)
+    with torch.no_grad():
+        nat_s = same(nat).numpy()
+    out = ensemble_guard(same, imgs, targets, pred, nat_p, nat_s)
+    assert out["held_out_predicted"].shape == (6, 4)
+    assert np.allclose(out["held_out_target_z"], out["target_z"], atol=1e-4)
+    assert out["models_agree"].tolist() == [1] * 6
+    # a held-out model with the opposite tuning disagrees wherever the primary moved the target
+    flip = Scaled(m, torch.full((4,), -1.0))
+    with torch.no_grad():
+        nat_f = flip(nat).numpy()
+    out = ensemble_guard(flip, imgs, targets, pred, nat_p, nat_f)
+    moved = np.abs(out["target_z"]) > 1e-3
+    assert moved.any() and not out["models_agree"][moved].any()
+    with pytest.raises(ValueError):
+        ensemble_guard(same, imgs, targets[:3], pred, nat_p, nat_s)

@@ -1,0 +1,386 @@
+"""The command line end to end: bad input is refused in one line, runs are never half-written,
+an interrupted run resumes to the same result, and a finished run repeats from its resolved config."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from synth.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+#: A closed loop small enough for CI (seconds on one core): 6 sites, 120 natural images, 32 px.
+TINY = {
+    "name": "tiny",
+    "seed": 3,
+    "device": "cpu",
+    "target": {"file": str(REPO / "targets" / "virtual_v4.yaml"), "params": {"n_v4": 5, "n_it": 1, "n_images": 120, "n_repeats": 2}},
+    "data": {"image_size": 32, "grayscale": True},
+    "fit": {"epochs": 2, "input_size": 0, "backbone_kwargs": {"channels": 8, "n_layers": 2}},
+    "stimuli": {"batch_size": 4},
+    "synthesis": {"steps": 6, "batch_size": 4, "stopping": {"rule": "fixed"}},
+    "followup": {"n_repeats": 2},
+    "validate": {"n_bootstrap": 10},
+}
+
+
+def write_cfg(path: Path, data: dict | None = None, **changes) -> Path:
+    cfg = json.loads(json.dumps(TINY if data is None else data))
+    for k, v in changes.items():
+        node = cfg
+        *head, last = k.split("__")
+        for h in head:
+            node = node.setdefault(h, {})
+        node[last] = v
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run_cli(argv, capsys):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, *needles, status=2):
+    assert code == status, err
+    # log lines (HH:MM:SS LEVEL ...) may precede it; the error itself is one line
+    lines = [ln for ln in err.strip().splitlines() if ln.strip() and not re.match(r"^\d\d:\d\d:\d\d (INFO|WARNING|DEBUG) ", ln)]
+    assert len(lines) == 1, f"expected one error line, got:\n{err}"
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in lines[0], f"{n!r} not in {lines[0]!r}"
+
+
+# --------------------------------------------------------------------------- bad configs
+BAD_YAML = [
+    ("syntax", b"name: x\nfit: {epochs: 3\n", "YAML syntax error at line"),
+    ("empty", b"", "empty file"),
+    ("list", b"- name: x\n- seed: 1\n", "expected a mapping of config sections, got list"),
+    ("binary", bytes(range(256)) * 4, "not a text file"),
+    ("scalar", b"42\n", "expected a mapping of config sections, got int"),
+]
+
+
+@pytest.mark.parametrize("name,body,needle", BAD_YAML, ids=[b[0] for b in BAD_YAML])
+def test_malformed_yaml_is_one_line_and_leaves_nothing(tmp_path, capsys, name, body, needle):
+    cfg = tmp_path / f"{name}.yaml"
+    cfg.write_bytes(body)
+    out = tmp_path / "run"
+    code, _, err = run_cli(["run", cfg, "--out", out], capsys)
+    assert_one_line_error(code, err, str(cfg), needle)
+    assert not out.exists() and not out.with_name("run.partial").exists()
+
+
+BAD_VALUES = [
+    ({"fit__epocks": 3}, "fit: unknown key 'epocks'", "did you mean 'epochs'"),
+    ({"fit__epochs": "many"}, "fit.epochs", "expected an integer"),
+    ({"synthesis__steps": 0}, "synthesis.steps", ">= 1"),
+    ({"device": "tpu"}, "device", "unknown device 'tpu'"),
+    ({"fit__backbone": "alexnett"}, "fit.backbone", "did you mean 'alexnet'"),
+    ({"synthesis__transforms": [{"name": "jiter"}]}, "synthesis.transforms[0]", "did you mean 'jitter'"),
+    ({"synthesis__objectives": {"one_hot": {"name": "one_hott"}}}, "synthesis.objectives.one_hot", "one_hot"),
+    ({"fit__split": {"train": 0.9, "val": 0.1, "test": 0.1}}, "fit.split", "add up to 1"),
+    ({"target__file": "targets/nope.yaml"}, "bad.yaml: target.file", "not found"),
+    ({"data__image_size": 8}, "data.image_size", ">= 16"),
+]
+
+
+@pytest.mark.parametrize("changes,key,needle", BAD_VALUES, ids=[v[1] for v in BAD_VALUES])
+def test_bad_values_name_file_key_and_expectation(tmp_path, capsys, changes, key, needle):
+    cfg = write_cfg(tmp_path / "bad.yaml", **changes)
+    out = tmp_path / "run"
+    code, _, err = run_cli(["run", cfg, "--out", out], capsys)
+    assert_one_line_error(code, err, key, needle)
+    assert not out.exists() and not out.with_name("run.partial").exists()
+    # `synth check` refuses the same config the same way
+    code, _, err2 = run_cli(["check", cfg], capsys)
+    assert_one_line_error(code, err2, key)
+
+
+def test_set_overrides_are_validated_like_the_file(tmp_path, capsys):
+    cfg = write_cfg(tmp_path / "ok.yaml")
+    code, out, _ = run_cli(["check", cfg, "--set", "synthesis.steps=9", "--print"], capsys)
+    assert code == 0 and yaml.safe_load(out.rsplit("\n", 2)[0])["synthesis"]["steps"] == 9
+    for item, needle in [
+        ("synthesis.steps=-1", "synthesis.steps"),
+        ("synthesis.stepz=3", "did you mean 'steps'"),
+        ("nodots", "--set expects dotted.key=value"),
+        ("seed.x=1", "'seed' is not a section"),
+    ]:
+        code, _, err = run_cli(["check", cfg, "--set", item], capsys)
+        assert_one_line_error(code, err, needle)
+
+
+def test_unavailable_cuda_and_existing_out_are_refused(tmp_path, capsys):
+    import torch
+
+    cfg = write_cfg(tmp_path / "ok.yaml")
+    if not torch.cuda.is_available():
+        code, _, err = run_cli(["run", cfg, "--device", "cuda", "--out", tmp_path / "r"], capsys)
+        assert_one_line_error(code, err, "CUDA is not available")
+        assert not (tmp_path / "r").exists()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("mine")
+    code, _, err = run_cli(["run", cfg, "--out", existing], capsys)
+    assert_one_line_error(code, err, "already exists", "never overwrites")
+    assert (existing / "keep.txt").read_text() == "mine"
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    cfg = write_cfg(tmp_path / "bad.yaml", fit__epochs="many")
+    from synth.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        main(["run", str(cfg), "--debug"])
+
+
+@pytest.mark.parametrize("argv", [[], ["run"], ["check"], ["validate"], ["bench", "synthesis"], ["data", "fetch"]])
+def test_help_for_every_command(capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        main(argv + ["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: synth") and len(out.splitlines()) > 3
+
+
+# --------------------------------------------------------------------------- lab data problems
+def make_lab_session(root: Path, *, n: int = 40, sites: int = 3, size: int = 32, seed: int = 0) -> Path:
+    """A small lab session in the layout of targets/lab_example.yaml."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    img_dir = root / "session_01" / "images"
+    img_dir.mkdir(parents=True)
+    ids = [f"nat{i:03d}" for i in range(n)]
+    imgs = rng.integers(0, 256, size=(n, size, size), dtype=np.uint8)
+    for sid, a in zip(ids, imgs):
+        Image.fromarray(a, mode="L").save(img_dir / f"{sid}.png")
+    drive = imgs.reshape(n, -1).astype(float).mean(1) / 255.0
+    resp = rng.poisson(lam=np.clip(5 + 10 * np.outer(np.arange(1, sites + 1), drive), 0, None)[:, :, None] * np.ones((1, 1, 3))).astype(float)
+    np.savez(root / "session_01" / "responses.npz", stimulus_id=np.array(ids), site_id=np.array([f"e{k}" for k in range(sites)]), responses=resp)
+    return root
+
+
+def lab_cfg(tmp_path: Path, root: Path) -> Path:
+    data = yaml.safe_load((REPO / "configs" / "lab_recordings.yaml").read_text())
+    data["target"]["file"] = str(REPO / "targets" / "lab_example.yaml")
+    data["target"]["root"] = str(root)
+    data.update({"device": "cpu", "data": {"image_size": 32, "grayscale": True}})
+    data["fit"].update({"epochs": 2, "input_size": 0, "backbone_kwargs": {"channels": 8, "n_layers": 2}, "split": {"train": 0.6, "val": 0.2, "test": 0.2}})
+    data["stimuli"].update({"seeds_per_target": 1, "batch_size": 4})
+    data["synthesis"] = {"steps": 4, "batch_size": 4, "stopping": {"rule": "fixed"}}
+    return write_cfg(tmp_path / "lab.yaml", data)
+
+
+def _break_missing(root):
+    (root / "session_01" / "images" / "nat005.png").unlink()
+    return "nat005", "no image file"
+
+
+def _break_corrupt(root):
+    (root / "session_01" / "images" / "nat007.png").write_bytes(b"\x89PNG garbage")
+    return "nat007.png", "cannot read image"
+
+
+def _break_size(root):
+    from PIL import Image
+
+    Image.fromarray(np.zeros((20, 20), np.uint8), mode="L").save(root / "session_01" / "images" / "nat001.png")
+    return "nat001.png", "expected 32x32"
+
+
+def _break_mode(root):
+    from PIL import Image
+
+    a = np.zeros((32, 32, 3), np.uint8)
+    a[..., 0] = 200
+    Image.fromarray(a, mode="RGB").save(root / "session_01" / "images" / "nat002.png")
+    return "nat002.png", "colour image"
+
+
+def _break_nan(root):
+    p = root / "session_01" / "responses.npz"
+    z = dict(np.load(p))
+    z["responses"][1, 3, :] = np.nan
+    np.savez(p, **z)
+    return "responses.npz", "NaN"
+
+
+def _break_shape(root):
+    p = root / "session_01" / "responses.npz"
+    z = dict(np.load(p))
+    z["responses"] = z["responses"][:, :-1]
+    np.savez(p, **z)
+    return "responses.npz", "does not match"
+
+
+def _break_inf(root):
+    p = root / "session_01" / "responses.npz"
+    z = dict(np.load(p))
+    z["responses"][0, 0, 0] = np.inf
+    np.savez(p, **z)
+    return "responses.npz", "inf"
+
+
+def _break_not_npz(root):
+    (root / "session_01" / "responses.npz").write_text("not an archive")
+    return "responses.npz", ""
+
+
+BREAKS = [_break_missing, _break_corrupt, _break_size, _break_mode, _break_nan, _break_shape, _break_inf, _break_not_npz]
+
+
+@pytest.mark.parametrize("brk", BREAKS, ids=[b.__name__[7:] for b in BREAKS])
+def test_data_problems_caught_before_work_starts(tmp_path, capsys, brk):
+    root = make_lab_session(tmp_path / "lab")
+    needle_file, needle = brk(root)
+    cfg = lab_cfg(tmp_path, root)
+    out = tmp_path / "run"
+    code, _, err = run_cli(["run", cfg, "--out", out], capsys)
+    assert_one_line_error(code, err, needle_file, needle)
+    assert not out.exists() and not out.with_name("run.partial").exists()
+
+
+def test_lab_recordings_config_writes_a_stimulus_set_for_the_rig(tmp_path, capsys):
+    root = make_lab_session(tmp_path / "lab")
+    cfg = lab_cfg(tmp_path, root)
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(["run", cfg, "--out", out, "-q"], capsys)
+    assert code == 0, err
+    assert stdout.strip() == str(out)
+    z = np.load(out / "stimuli.npz")
+    assert z["predicted"].shape == (6, 3)  # 3 sites x (stretch + one-hot)
+    assert sorted(p.name for p in (out / "stimuli").glob("*.png")) == sorted(f"{s}.png" for s in z["stimulus_id"])
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["followup"] is None and rep["fit"]["n_sites"] == 3
+
+
+# --------------------------------------------------------------------------- end to end
+def _report_without_timing(run: Path) -> dict:
+    rep = json.loads((run / "report.json").read_text())
+    rep.pop("timing")
+    rep["fit"]["details"].pop("train_seconds", None)
+    return rep
+
+
+def _pngs(run: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((run / "stimuli").glob("*.png"))}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    cfg = write_cfg(tmp / "tiny.yaml")
+    run = tmp / "run"
+    code = main(["run", str(cfg), "--out", str(run), "-q"])
+    assert code == 0
+    return cfg, run
+
+
+def test_run_folder_has_everything_a_lab_needs(tiny_run):
+    _, run = tiny_run
+    for name in ("config.resolved.yaml", "provenance.json", "report.json", "report.html", "manifest.csv", "stimuli.npz", "followup.npz", "run.log"):
+        assert (run / name).is_file(), name
+    assert not (run / "RUNNING").exists()
+    rep = json.loads((run / "report.json").read_text())
+    for key in ("median_r_test", "n_sites", "n_train_images", "n_test_images"):
+        assert key in rep["fit"]
+    for sec, key in (("stretch", "fraction_above_natural_max"), ("stretch", "median_gain"), ("one_hot", "median_score_ratio"),
+                     ("one_hot", "fraction_beating_best_natural"), ("synthetic_prediction", "median_site_r")):
+        assert np.isfinite(rep[sec][key]), (sec, key)
+    assert set(rep["timing"]) >= {"record", "fit", "synthesize", "followup", "validate"} and rep["device"] == "cpu"
+    prov = json.loads((run / "provenance.json").read_text())
+    assert prov["seed"] == 3 and "torch" in prov["versions"] and prov["device"] == "cpu"
+    assert any(k.endswith("virtual_v4.yaml") for k in prov["inputs_sha256"])
+    assert len((run / "manifest.csv").read_text().strip().splitlines()) == 1 + 12  # 6 sites x 2 kinds
+
+
+def test_resolved_config_repeats_the_run_exactly(tiny_run, tmp_path, capsys):
+    _, run = tiny_run
+    again = tmp_path / "again"
+    code, _, err = run_cli(["run", run / "config.resolved.yaml", "--out", again, "-q"], capsys)
+    assert code == 0, err
+    assert _pngs(again) == _pngs(run)
+    assert _report_without_timing(again) == _report_without_timing(run)
+
+
+def test_resume_refuses_finished_and_foreign_folders(tiny_run, tmp_path, capsys):
+    _, run = tiny_run
+    code, _, err = run_cli(["run", "--resume", run], capsys)
+    assert_one_line_error(code, err, "already complete")
+    code, _, err = run_cli(["run", "--resume", tmp_path], capsys)
+    assert_one_line_error(code, err, "not an unfinished synth run folder")
+
+
+#: the same thread count in every process, so CPU results are bit-identical between them
+ENV = dict(os.environ, SYNTH_NO_PROGRESS="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def _synth(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "synth", *args, "-q"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def _start(cfg: Path, out: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "synth", "run", str(cfg), "--out", str(out), "-q"],
+                            cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["crash", "ctrl-c"])
+def test_killed_mid_synthesis_leaves_no_finished_folder_and_resumes_identically(tmp_path, sig):
+    # enough synthesis steps that the kill lands after the first of three checkpoints
+    cfg = write_cfg(tmp_path / "tiny.yaml", synthesis__steps=40)
+    ref = tmp_path / "ref"
+    res = _synth("run", str(cfg), "--out", str(ref))
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = tmp_path / "run"
+    partial = out.with_name("run.partial")
+    proc = _start(cfg, out)
+    first = partial / "checkpoints" / "synthesis_batch_0000.npz"
+    deadline = time.time() + 120
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert first.exists(), proc.communicate()[1].decode()[-2000:]
+    os.killpg(proc.pid, sig)
+    proc.wait(timeout=60)
+    assert proc.returncode != 0
+    assert not out.exists(), "an interrupted run must not look finished"
+    assert partial.is_dir() and (partial / "RUNNING").exists() and not (partial / "report.json").exists()
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130 and b"interrupted" in proc.stderr.read()
+    done = sorted(p.name for p in (partial / "checkpoints").glob("synthesis_batch_*.npz"))
+    assert 1 <= len(done) < 3, done
+
+    res = _synth("run", "--resume", str(partial))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == str(out)
+    assert out.is_dir() and not partial.exists() and not (out / "RUNNING").exists()
+    assert _pngs(out) == _pngs(ref)
+    assert _report_without_timing(out) == _report_without_timing(ref)
+
+
+def test_synth_validate_reproduces_the_run_report(tiny_run, tmp_path, capsys):
+    _, run = tiny_run
+    rep = json.loads((run / "report.json").read_text())
+    out = tmp_path / "v"
+    code, stdout, err = run_cli(["validate", "--predictions", run / "stimuli.npz", "--recordings", run / "followup.npz",
+                                 "--stimuli", run, "--out", out, "--seed", rep["bootstrap"]["seed"],
+                                 "--n-bootstrap", rep["bootstrap"]["n"]], capsys)
+    assert code == 0, err
+    assert stdout.strip().splitlines()[-1] == str(out)
+    val = json.loads((out / "report.json").read_text())
+    for key in ("stretch", "one_hot", "synthetic_prediction"):
+        assert val[key] == rep[key], key
+    assert (out / "report.html").stat().st_size > 10_000
