@@ -6,17 +6,15 @@ import hashlib
 import logging
 import os
 import random
-from typing import Iterable, TypeVar
 
 import numpy as np
 import torch
 
 from synth.errors import DeviceError
+from synth.progress import progress, set_quiet  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
-_QUIET = False
 
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
@@ -64,20 +62,6 @@ def torch_generator(seed: int, device: torch.device | str = "cpu") -> torch.Gene
     g = torch.Generator(device=device)
     g.manual_seed(int(seed))
     return g
-
-
-def set_quiet(quiet: bool) -> None:
-    """Hide progress bars (``--quiet``)."""
-    global _QUIET
-    _QUIET = bool(quiet)
-
-
-def progress(iterable: Iterable[T] | None = None, *, desc: str = "", total: int | None = None, leave: bool = False):
-    """A tqdm progress bar on stderr, silent under ``--quiet`` or when not a terminal in CI."""
-    from tqdm.auto import tqdm
-
-    disable = _QUIET or os.environ.get("SYNTH_NO_PROGRESS") == "1"
-    return tqdm(iterable, desc=desc, total=total, leave=leave, disable=disable, dynamic_ncols=True)
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -44,6 +44,7 @@ import numpy as np
 
 from synth.data.recordings import Recording
 from synth.errors import DataError
+from synth.progress import progress
 from synth.validation.io import Predictions, jsonable, normalize_objective
 from synth.validation.metrics import BOOTSTRAP_TAG, compact_repeats, pearson_per_site, repeat_mean, rng_for
 
@@ -339,7 +340,7 @@ def closed_loop_metrics(
         rng = rng_for(seed, BOOTSTRAP_TAG)
         T_s, T_o = len(groups["stretch"].targets), len(groups["one_hot"].targets)
         boot = {k: np.full(n_bootstrap, np.nan) for k in head}
-        for b in range(n_bootstrap):
+        for b in progress(range(n_bootstrap), desc="bootstrap", total=n_bootstrap):
             ni = rng.integers(0, len(nat), len(nat))
             nm = _resample_means(R_nat[:, ni], k_nat[:, ni], rng)
             sm = _resample_means(R_syn, k_syn, rng)
