@@ -81,7 +81,7 @@ class FollowupSection:
 
     n_repeats: int = field(default=4, metadata={"min": 1, "max": 1000})
     record_natural: bool = field(
-        default=True, metadata={"help": "re-record the natural set in the follow-up (natural maxima, z-scores)"}
+        default=True, metadata={"help": "re-record the natural set in the follow-up (natural maxima, z-scores); false: take them from the original natural recording"}
     )
 
 

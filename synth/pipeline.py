@@ -299,6 +299,10 @@ def _run_stages(cfg: Config, run: RunDir, target: Target, nat: NaturalData, spli
         "per_site_r_test": {s: float(v) for s, v in zip(site_ids, r_sites)},
         "details": fit_info,
     }
+    held_out = None
+    if cfg.stimuli.held_out_surrogate:
+        held_out = _fit_held_out(cfg, run, x, y, splits, site_ids, device, timer)
+        fit_report["held_out_median_r_test"] = _median_r(held_out[1][splits.test], test_rec)[0]
     ref = getattr(target, "reference_predictions", None)
     if callable(ref):
         ref_pred = ref(x[splits.test], nat.stimulus_id[splits.test])
@@ -307,9 +311,11 @@ def _run_stages(cfg: Config, run: RunDir, target: Target, nat: NaturalData, spli
 
     # ---- synthesize
     with timer("synthesize"):
-        stim_dir = _synthesize_stage(cfg, run, model, site_ids, x, pred_nat, device)
+        stim_dir, guard = _synthesize_stage(cfg, run, model, site_ids, x, pred_nat, device, held_out)
 
     report: dict[str, Any] = {"fit": fit_report}
+    if guard is not None:
+        report["ensemble_guard"] = guard
     if recorder is None:
         log.warning(
             "this target has no simulated recorder: show %s/stimuli on the rig, then run "
@@ -330,6 +336,10 @@ def _run_stages(cfg: Config, run: RunDir, target: Target, nat: NaturalData, spli
             ids = list(nat.stimulus_id) + ids
             images = torch.cat([x, images], dim=0)
         followup = recorder.record(images, ids, n_repeats=cfg.followup.n_repeats, seed=derive_seed(cfg.seed, "followup"))
+        if not cfg.followup.record_natural:
+            # The natural maxima and z-scores then come from the original natural recording.
+            log.info("followup.record_natural is false: natural-set statistics from the original recording")
+            followup = nat.recording.concat(followup)
         followup.save(run.path("followup.npz"))
 
     # ---- validate (the same code as `synth validate`)
@@ -348,8 +358,42 @@ def _run_stages(cfg: Config, run: RunDir, target: Target, nat: NaturalData, spli
     return report
 
 
-def _synthesize_stage(cfg: Config, run: RunDir, model, site_ids: np.ndarray, x_nat: torch.Tensor, pred_nat: np.ndarray, device: torch.device) -> Path:
-    """Synthesize all jobs in checkpointed batches, then write the stimulus set."""
+def _fit_held_out(cfg: Config, run: RunDir, x: torch.Tensor, y: torch.Tensor, splits: Splits, site_ids: np.ndarray, device: torch.device, timer: Timer):
+    """The ensemble guard's held-out surrogate: same recipe, another train/val split.
+
+    Returns ``(model, predictions on the natural set)``; saved as ``surrogate_heldout.pt``
+    so ``--resume`` reuses it.
+    """
+    from synth.surrogate.fit import fit_surrogate, predict
+    from synth.surrogate.model import Surrogate
+    from synth.synthesis.scoring import held_out_splits
+
+    with timer("fit_held_out"):
+        ckpt = run.work / "surrogate_heldout.pt"
+        if ckpt.exists():
+            log.info("resume: loading held-out surrogate %s", ckpt)
+            model = Surrogate.load(ckpt, device=device)
+        else:
+            tr, va = held_out_splits(splits.train, splits.val, derive_seed(cfg.seed, "held_out_split"))
+            log.info("fitting the held-out surrogate (ensemble guard) on another split: %d train / %d val images", tr.size, va.size)
+            model, info = fit_surrogate(
+                cfg.fit, (x[tr], y[tr]), (x[va], y[va]), site_ids=site_ids, device=device, seed=derive_seed(cfg.seed, "fit_held_out")
+            )
+            _save_json(run.path("fit_heldout.json"), info)
+            model.save(run.path("surrogate_heldout.pt.tmp"))
+            os.replace(run.work / "surrogate_heldout.pt.tmp", ckpt)
+        return model, predict(model, x, device=device)
+
+
+def _synthesize_stage(
+    cfg: Config, run: RunDir, model, site_ids: np.ndarray, x_nat: torch.Tensor, pred_nat: np.ndarray, device: torch.device, held_out=None
+) -> tuple[Path, dict[str, Any] | None]:
+    """Synthesize all jobs in checkpointed batches, then write the stimulus set.
+
+    With a held-out surrogate, every saved image is also scored by it (the ensemble
+    guard): its predictions and a ``models_agree`` flag go into the manifest and
+    ``stimuli.npz``, and the returned summary into ``report.json``.
+    """
     from synth.data.stimuli import write_stimulus_set
     from synth.surrogate.fit import predict
     from synth.synthesis import Job, ObjectiveContext, synthesize
@@ -406,6 +450,8 @@ def _synthesize_stage(cfg: Config, run: RunDir, model, site_ids: np.ndarray, x_n
             "steps": np.asarray(res.steps),
             "objective_value": np.asarray(res.objective_value),
         }
+        for k, h in (res.history or {}).items():
+            part[f"history_{k}"] = _pad_steps(np.asarray(h, dtype=np.float32), cfg.synthesis.steps)
         tmp = ck_dir / f".synthesis_batch_{b:04d}.tmp.npz"
         np.savez(tmp, **part)
         os.replace(tmp, ck)
@@ -416,21 +462,44 @@ def _synthesize_stage(cfg: Config, run: RunDir, model, site_ids: np.ndarray, x_n
     # Predictions from the 8-bit images exactly as saved (PNG is lossless).
     x_saved = torch.as_tensor(images_u8).permute(0, 3, 1, 2).float() / 255.0
     predicted = predict(model, x_saved, device=device)
+    history = {k[len("history_"):]: v for k, v in merged.items() if k.startswith("history_")}
+    if history:
+        # loss, objective and target response per image and step (NaN after an image stopped)
+        tmp = run.work / ".synthesis_history.tmp.npz"
+        np.savez(tmp, stimulus_id=merged["stimulus_id"], **history)
+        os.replace(tmp, run.work / "synthesis_history.npz")
+    extra: dict[str, np.ndarray] = {
+        "luminance": merged["luminance"],
+        "contrast": merged["contrast"],
+        "steps": merged["steps"],
+        "objective_value": merged["objective_value"],
+    }
+    guard = None
+    if held_out is not None:
+        from synth.synthesis.scoring import ensemble_guard
+
+        ho_model, ho_nat = held_out
+        fields = ensemble_guard(ho_model, images_u8, np.array([j.target_site for j in jobs]), predicted, pred_nat, ho_nat, device=device)
+        extra.update(fields)
+        agree = fields["models_agree"].astype(bool)
+        guard = {
+            "n_images": int(agree.size),
+            "fraction_models_agree": float(agree.mean()) if agree.size else None,
+            "disagreeing_stimulus_ids": [j.stimulus_id for j, a in zip(jobs, agree) if not a],
+        }
+        log.info("ensemble guard: the held-out surrogate agrees on %d of %d images", int(agree.sum()), agree.size)
     stim_dir = run.work
-    write_stimulus_set(
-        stim_dir,
-        images_u8,
-        jobs,
-        site_ids,
-        predicted,
-        extra={
-            "luminance": merged["luminance"],
-            "contrast": merged["contrast"],
-            "steps": merged["steps"],
-            "objective_value": merged["objective_value"],
-        },
-    )
-    return stim_dir
+    write_stimulus_set(stim_dir, images_u8, jobs, site_ids, predicted, extra=extra)
+    return stim_dir, guard
+
+
+def _pad_steps(h: np.ndarray, steps: int) -> np.ndarray:
+    """NaN-pad (or cut) a per-step history ``(N, T)`` to ``(N, steps)`` so batches concatenate."""
+    if h.ndim != 2:
+        return h
+    out = np.full((h.shape[0], steps), np.nan, dtype=np.float32)
+    out[:, : min(steps, h.shape[1])] = h[:, :steps]
+    return out
 
 
 _LOG_HANDLER: logging.Handler | None = None

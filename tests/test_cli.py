@@ -306,6 +306,12 @@ def test_run_folder_has_everything_a_lab_needs(tiny_run):
     assert prov["seed"] == 3 and "torch" in prov["versions"] and prov["device"] == "cpu"
     assert any(k.endswith("virtual_v4.yaml") for k in prov["inputs_sha256"])
     assert len((run / "manifest.csv").read_text().strip().splitlines()) == 1 + 12  # 6 sites x 2 kinds
+    # the loss / objective / target-response history of every image, step by step
+    with np.load(run / "synthesis_history.npz") as h:
+        assert set(h["stimulus_id"]) == set(np.load(run / "stimuli.npz")["stimulus_id"])
+        assert {"loss", "objective", "target_response"} <= set(h.files)
+        assert h["loss"].shape == (12, TINY["synthesis"]["steps"])
+        assert np.isfinite(h["loss"][:, 0]).all()
 
 
 def test_resolved_config_repeats_the_run_exactly(tiny_run, tmp_path, capsys):
@@ -384,3 +390,45 @@ def test_synth_validate_reproduces_the_run_report(tiny_run, tmp_path, capsys):
     for key in ("stretch", "one_hot", "synthetic_prediction"):
         assert val[key] == rep[key], key
     assert (out / "report.html").stat().st_size > 10_000
+
+
+def test_held_out_surrogate_scores_every_saved_image(tmp_path, capsys):
+    """The ensemble guard: a second surrogate on another split scores the saved PNGs."""
+    cfg = write_cfg(tmp_path / "guard.yaml", stimuli__held_out_surrogate=True, stimuli__one_hot=False)
+    out = tmp_path / "guard_run"
+    code, _, err = run_cli(["run", cfg, "--out", out, "--quiet"], capsys)
+    assert code == 0, err
+    assert (out / "surrogate_heldout.pt").exists() and (out / "fit_heldout.json").exists()
+    with np.load(out / "stimuli.npz") as z:
+        ho, pred = z["held_out_predicted"], z["predicted"]
+    assert ho.shape == pred.shape and np.isfinite(ho).all()
+    assert not np.allclose(ho, pred)  # a different model, not a copy
+    import csv
+
+    rows = list(csv.DictReader(open(out / "manifest.csv")))
+    assert {"held_out_predicted_target", "models_agree"} <= set(rows[0])
+    report = json.loads((out / "report.json").read_text())
+    guard = report["ensemble_guard"]
+    assert guard["n_images"] == len(rows)
+    agree = sum(int(r["models_agree"]) for r in rows)
+    assert guard["fraction_models_agree"] == pytest.approx(agree / len(rows))
+    assert len(guard["disagreeing_stimulus_ids"]) == len(rows) - agree
+    assert -1 <= report["fit"]["held_out_median_r_test"] <= 1
+
+
+def test_without_natural_rerecording_the_original_recording_gives_the_natural_statistics(tmp_path, capsys):
+    cfg = write_cfg(tmp_path / "norerec.yaml", followup__record_natural=False)
+    out = tmp_path / "norerec_run"
+    code, _, err = run_cli(["run", cfg, "--out", out, "--quiet"], capsys)
+    assert code == 0, err
+    from synth.data.recordings import Recording
+
+    rec = Recording.load(out / "followup.npz")
+    nat = np.load(out / "natural.npz")["stimulus_id"]
+    synth_ids = np.load(out / "stimuli.npz")["stimulus_id"]
+    assert set(rec.stimulus_id) == set(nat) | set(synth_ids)
+    # natural rows carry the original recording's repeat count (TINY: 2), the follow-up its own
+    n_nat = rec.select(stimuli=nat).n_repeats()
+    assert (n_nat == TINY["target"]["params"]["n_repeats"]).all()
+    report = json.loads((out / "report.json").read_text())
+    assert 0 <= report["stretch"]["fraction_above_natural_max"] <= 1

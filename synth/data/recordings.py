@@ -103,6 +103,33 @@ class Recording:
             areas=None if self.areas is None else self.areas[ti],
         )
 
+    def concat(self, other: "Recording") -> "Recording":
+        """This recording's stimuli followed by ``other``'s, sites joined by ``site_id``.
+
+        Repeat slots are NaN-padded to the larger count. ``other`` must hold the same sites
+        (any order) and no stimulus id of this one.
+
+        Raises:
+            DataError: different site sets or shared stimulus ids.
+        """
+        if set(self.site_id) != set(other.site_id):
+            raise DataError(f"cannot join recordings of different sites ({self.n_sites} vs {other.n_sites} sites)")
+        shared = set(self.stimulus_id) & set(other.stimulus_id)
+        if shared:
+            raise DataError(f"{len(shared)} stimulus ids are in both recordings, e.g. {sorted(shared)[0]!r}")
+        other = other.select(sites=self.site_id)
+        r = max(self.responses.shape[2], other.responses.shape[2])
+
+        def pad(a: np.ndarray) -> np.ndarray:
+            return np.concatenate([a, np.full(a.shape[:2] + (r - a.shape[2],), np.nan)], axis=2)
+
+        return Recording(
+            stimulus_id=np.concatenate([self.stimulus_id, other.stimulus_id]),
+            site_id=self.site_id,
+            responses=np.concatenate([pad(self.responses), pad(other.responses)], axis=1),
+            areas=self.areas,
+        )
+
     def save(self, path: str | os.PathLike) -> None:
         """Write the ``.npz`` format (see module docstring)."""
         kw = dict(stimulus_id=self.stimulus_id, site_id=self.site_id, responses=self.responses)
