@@ -202,6 +202,13 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     if not isinstance(data, Mapping):
         raise ConfigError(f"expected a mapping of config sections, got {type(data).__name__}", file=str(path))
     try:
+        if overrides:
+            # Override the resolved config (defaults spelled out), so a dotted key can
+            # change one argument of a defaulted component (e.g. synthesis.param.decay_power).
+            try:
+                data = to_dict(from_dict(Config, data))
+            except ConfigError:
+                pass  # the file alone is invalid; an override may fix it
         data = apply_overrides(data, overrides)
         return from_dict(Config, data)
     except ConfigError as err:

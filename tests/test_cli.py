@@ -113,7 +113,12 @@ def test_set_overrides_are_validated_like_the_file(tmp_path, capsys):
     cfg = write_cfg(tmp_path / "ok.yaml")
     code, out, _ = run_cli(["check", cfg, "--set", "synthesis.steps=9", "--print"], capsys)
     assert code == 0 and yaml.safe_load(out.rsplit("\n", 2)[0])["synthesis"]["steps"] == 9
+    # a dotted key changes one argument of a defaulted component, keeping the rest
+    code, out, _ = run_cli(["check", cfg, "--set", "synthesis.param.decay_power=2.5", "--print"], capsys)
+    param = yaml.safe_load(out.rsplit("\n", 2)[0])["synthesis"]["param"]
+    assert code == 0 and param["name"] == "fourier" and param["decay_power"] == 2.5
     for item, needle in [
+        ("synthesis.param.decay_powr=2", "decay_powr"),
         ("synthesis.steps=-1", "synthesis.steps"),
         ("synthesis.stepz=3", "did you mean 'steps'"),
         ("nodots", "--set expects dotted.key=value"),
