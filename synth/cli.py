@@ -20,16 +20,22 @@ EPILOG = "Docs: README.md. Errors exit with status 2 (bad input) or 1 (runtime f
 
 
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
-    common.add_argument("--quiet", "-q", action="store_true", help="no progress bars, warnings and errors only")
+    def flags(default):
+        parser = argparse.ArgumentParser(add_help=False)
+        parser.add_argument("--debug", action="store_true", default=default, help="show tracebacks and debug logging")
+        parser.add_argument("--quiet", "-q", action="store_true", default=default, help="no progress bars, warnings and errors only")
+        return parser
+
+    # --debug/--quiet work before or after the subcommand: the subcommands' copies
+    # default to SUPPRESS, so they do not reset a flag given before the subcommand.
+    top_flags, common = flags(False), flags(argparse.SUPPRESS)
 
     p = argparse.ArgumentParser(
         prog="synth",
         description="Closed-loop neural control image synthesis: fit a brain-mapped CNN surrogate of recorded sites, "
         "synthesize stretch and one-hot population images, write a stimulus set, validate against follow-up recordings.",
         epilog=EPILOG,
-        parents=[common],
+        parents=[top_flags],
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True

@@ -437,3 +437,19 @@ def test_without_natural_rerecording_the_original_recording_gives_the_natural_st
     assert (n_nat == TINY["target"]["params"]["n_repeats"]).all()
     report = json.loads((out / "report.json").read_text())
     assert 0 <= report["stretch"]["fraction_above_natural_max"] <= 1
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_quiet_works_before_or_after_the_subcommand(tmp_path, capsys, where):
+    import synth.progress
+
+    cfg = write_cfg(tmp_path / "q.yaml")
+    argv = ["--quiet", "check", cfg] if where == "before" else ["check", cfg, "--quiet"]
+    synth.progress.set_quiet(False)
+    try:
+        code, _, _ = run_cli(argv, capsys)
+        assert code == 0 and synth.progress._QUIET is True
+        code, _, _ = run_cli(["check", cfg], capsys)
+        assert code == 0 and synth.progress._QUIET is False
+    finally:
+        synth.progress.set_quiet(False)
