@@ -344,9 +344,16 @@ def _synth(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "synth", *args, "-q"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
 
 
+def _default_sigint() -> None:
+    # A test runner started in the background (`cmd &` in a script) ignores SIGINT, and the
+    # child would inherit that; Ctrl-C is what this test simulates, so restore the default.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(cfg: Path, out: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "synth", "run", str(cfg), "--out", str(out), "-q"],
-                            cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+                            cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                            preexec_fn=_default_sigint)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["crash", "ctrl-c"])
