@@ -260,8 +260,7 @@ def _split_fractions(cfg: Config) -> dict[str, float]:
 
 
 def _run_stages(cfg: Config, run: RunDir, target: Target, nat: NaturalData, splits: Splits, recorder, device: torch.device, timer: Timer) -> dict[str, Any]:
-    from synth.surrogate.fit import fit_surrogate, predict
-    from synth.surrogate.model import Surrogate
+    from synth.surrogate.fit import predict
 
     site_ids = np.asarray(target.site_ids).astype(str)
     y = torch.as_tensor(nat.recording.mean().T, dtype=torch.float32)  # (N, S)
@@ -269,23 +268,7 @@ def _run_stages(cfg: Config, run: RunDir, target: Target, nat: NaturalData, spli
 
     # ---- fit
     with timer("fit"):
-        ckpt = run.work / "surrogate.pt"
-        if ckpt.exists():
-            log.info("resume: loading fitted surrogate %s", ckpt)
-            model = Surrogate.load(ckpt, device=device)
-            fit_info = json.loads((run.work / "fit.json").read_text())
-        else:
-            model, fit_info = fit_surrogate(
-                cfg.fit,
-                (x[splits.train], y[splits.train]),
-                (x[splits.val], y[splits.val]),
-                site_ids=site_ids,
-                device=device,
-                seed=derive_seed(cfg.seed, "fit"),
-            )
-            _save_json(run.path("fit.json"), fit_info)
-            model.save(run.path("surrogate.pt.tmp"))
-            os.replace(run.work / "surrogate.pt.tmp", ckpt)
+        model, fit_info = _fit_checkpointed(cfg, run, x, y, splits.train, splits.val, site_ids, device, "surrogate.pt", "fit.json", "fit")
         pred_nat = predict(model, x, device=device)  # (N, S)
         np.savez(run.path("natural.npz"), stimulus_id=nat.stimulus_id, site_id=site_ids, predicted=pred_nat)
         test_rec = nat.recording.select(stimuli=nat.stimulus_id[splits.test])
@@ -364,25 +347,35 @@ def _fit_held_out(cfg: Config, run: RunDir, x: torch.Tensor, y: torch.Tensor, sp
     Returns ``(model, predictions on the natural set)``; saved as ``surrogate_heldout.pt``
     so ``--resume`` reuses it.
     """
-    from synth.surrogate.fit import fit_surrogate, predict
-    from synth.surrogate.model import Surrogate
+    from synth.surrogate.fit import predict
     from synth.synthesis.scoring import held_out_splits
 
     with timer("fit_held_out"):
-        ckpt = run.work / "surrogate_heldout.pt"
-        if ckpt.exists():
-            log.info("resume: loading held-out surrogate %s", ckpt)
-            model = Surrogate.load(ckpt, device=device)
-        else:
-            tr, va = held_out_splits(splits.train, splits.val, derive_seed(cfg.seed, "held_out_split"))
-            log.info("fitting the held-out surrogate (ensemble guard) on another split: %d train / %d val images", tr.size, va.size)
-            model, info = fit_surrogate(
-                cfg.fit, (x[tr], y[tr]), (x[va], y[va]), site_ids=site_ids, device=device, seed=derive_seed(cfg.seed, "fit_held_out")
-            )
-            _save_json(run.path("fit_heldout.json"), info)
-            model.save(run.path("surrogate_heldout.pt.tmp"))
-            os.replace(run.work / "surrogate_heldout.pt.tmp", ckpt)
+        tr, va = held_out_splits(splits.train, splits.val, derive_seed(cfg.seed, "held_out_split"))
+        log.info("held-out surrogate (ensemble guard) on another split: %d train / %d val images", tr.size, va.size)
+        model, _ = _fit_checkpointed(cfg, run, x, y, tr, va, site_ids, device, "surrogate_heldout.pt", "fit_heldout.json", "fit_held_out")
         return model, predict(model, x, device=device)
+
+
+def _fit_checkpointed(
+    cfg: Config, run: RunDir, x: torch.Tensor, y: torch.Tensor, train: np.ndarray, val: np.ndarray,
+    site_ids: np.ndarray, device: torch.device, ckpt_name: str, info_name: str, seed_name: str,
+):
+    """Fit a surrogate on ``train``/``val`` and save it, or load it when resuming."""
+    from synth.surrogate.fit import fit_surrogate
+    from synth.surrogate.model import Surrogate
+
+    ckpt = run.work / ckpt_name
+    if ckpt.exists():
+        log.info("resume: loading fitted surrogate %s", ckpt)
+        return Surrogate.load(ckpt, device=device), json.loads((run.work / info_name).read_text())
+    model, info = fit_surrogate(
+        cfg.fit, (x[train], y[train]), (x[val], y[val]), site_ids=site_ids, device=device, seed=derive_seed(cfg.seed, seed_name)
+    )
+    _save_json(run.path(info_name), info)
+    model.save(run.path(ckpt_name + ".tmp"))
+    os.replace(run.work / (ckpt_name + ".tmp"), ckpt)
+    return model, info
 
 
 def _synthesize_stage(
