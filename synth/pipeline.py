@@ -445,9 +445,7 @@ def _synthesize_stage(
         }
         for k, h in (res.history or {}).items():
             part[f"history_{k}"] = _pad_steps(np.asarray(h, dtype=np.float32), cfg.synthesis.steps)
-        tmp = ck_dir / f".synthesis_batch_{b:04d}.tmp.npz"
-        np.savez(tmp, **part)
-        os.replace(tmp, ck)
+        _save_npz_atomic(ck, **part)
         parts.append(part)
     merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     assert list(merged["stimulus_id"]) == [j.stimulus_id for j in jobs]
@@ -458,9 +456,7 @@ def _synthesize_stage(
     history = {k[len("history_"):]: v for k, v in merged.items() if k.startswith("history_")}
     if history:
         # loss, objective and target response per image and step (NaN after an image stopped)
-        tmp = run.work / ".synthesis_history.tmp.npz"
-        np.savez(tmp, stimulus_id=merged["stimulus_id"], **history)
-        os.replace(tmp, run.work / "synthesis_history.npz")
+        _save_npz_atomic(run.work / "synthesis_history.npz", stimulus_id=merged["stimulus_id"], **history)
     extra: dict[str, np.ndarray] = {
         "luminance": merged["luminance"],
         "contrast": merged["contrast"],
@@ -484,6 +480,13 @@ def _synthesize_stage(
     stim_dir = run.work
     write_stimulus_set(stim_dir, images_u8, jobs, site_ids, predicted, extra=extra)
     return stim_dir, guard
+
+
+def _save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
+    """Write an ``.npz`` under a temporary name, then rename it into place."""
+    tmp = path.with_name(f".{path.stem}.tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
 
 
 def _pad_steps(h: np.ndarray, steps: int) -> np.ndarray:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -17,8 +19,8 @@ def _rec(stim, sites, r, seed=0):
 def test_mean_ignores_nan_repeats_without_warnings():
     resp = np.array([[[1.0, 3.0, np.nan], [np.nan, np.nan, np.nan]]])
     rec = Recording(stimulus_id=np.array(["a", "b"]), site_id=np.array(["s"]), responses=resp)
-    with __import__("warnings").catch_warnings():
-        __import__("warnings").simplefilter("error")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         m = rec.mean()
     assert m[0, 0] == 2.0 and np.isnan(m[0, 1])
     assert rec.n_repeats().tolist() == [2, 0]
