@@ -172,7 +172,8 @@ def run_pipeline(cfg: Config, *, config_path: str | None = None, out: str | None
         nat = target.natural(image_size=cfg.data.image_size, grayscale=cfg.data.grayscale, seed=derive_seed(cfg.seed, "natural"))
         check_natural(nat, cfg, _target_source(cfg))
         splits = make_splits(nat.images.shape[0], _split_fractions(cfg), cfg.seed)
-        core_plan = plan_core_stage(cfg, target)
+        fits = list(cfg.fit.members())  # the surrogate's recipe, then any ensemble members'
+        core_plans = [plan_core_stage(cfg, target, fit) for fit in fits]
         recorder = target.recorder()
 
     run = RunDir.open_partial(resume) if resume else RunDir.create(cfg.name, out)
@@ -192,14 +193,18 @@ def run_pipeline(cfg: Config, *, config_path: str | None = None, out: str | None
             "torch_threads": torch.get_num_threads(),
         }
         _save_json(run.path("provenance.json"), provenance)
-        core_report = None
-        if core_plan is not None:
-            cfg, core_report = _core_stage(cfg, core_plan, device, timer)
-            provenance["core"] = core_report
+        core_reports: list[dict[str, Any] | None] = [None] * len(fits)
+        if any(p is not None for p in core_plans):
+            fits, core_reports = _core_stage(fits, core_plans, device, timer)
+            provenance["core"] = core_reports[0]
+            if len(fits) > 1:
+                provenance["ensemble_cores"] = core_reports[1:]
             _save_json(run.path("provenance.json"), provenance)
-        report = _run_stages(cfg, run, target, nat, splits, recorder, device, timer)
-        if core_report is not None:
-            report["core"] = core_report
+        report = _run_stages(cfg, fits, run, target, nat, splits, recorder, device, timer)
+        if core_reports[0] is not None:
+            report["core"] = core_reports[0]
+        if len(fits) > 1 and any(r is not None for r in core_reports[1:]):
+            report["ensemble_cores"] = core_reports[1:]
         report["timing"] = timer.seconds
         report["device"] = str(device)
         _save_json(run.path("report.json"), report)
@@ -217,13 +222,15 @@ def run_pipeline(cfg: Config, *, config_path: str | None = None, out: str | None
     return final
 
 
-def plan_core_stage(cfg: Config, target: Target):
+def plan_core_stage(cfg: Config, target: Target, fit=None):
     """The core plan when ``fit.weights: auto`` (None otherwise); validates it early.
 
-    The core trains on the other sessions of the target's data root: never the
-    evaluated session, never its digital twins (see :mod:`synth.surrogate.core`).
+    ``fit`` is the recipe to plan for (default ``cfg.fit``; an ensemble member's merged
+    recipe otherwise). The core trains on the other sessions of the target's data root:
+    never the evaluated session, never its digital twins (see :mod:`synth.surrogate.core`).
     """
-    if cfg.fit.weights.strip().lower() != "auto":
+    fit = cfg.fit if fit is None else fit
+    if fit.weights.strip().lower() != "auto":
         return None
     from synth.errors import ConfigError
     from synth.surrogate.core import CoreConfig, plan_core
@@ -234,7 +241,7 @@ def plan_core_stage(cfg: Config, target: Target):
             f"weights auto trains a core on the other recording sessions of a real-data target (kind cowley2023); target {target.name} has no data root/session",
             key="fit.weights",
         )
-    plan = plan_core(cfg.fit.core or CoreConfig(), root=str(root), evaluated=str(session), grayscale=cfg.data.grayscale, seed=derive_seed(cfg.seed, "core"))
+    plan = plan_core(fit.core or CoreConfig(), root=str(root), evaluated=str(session), grayscale=cfg.data.grayscale, seed=derive_seed(cfg.seed, "core"))
     log.info(
         "core plan: sessions %s (evaluated %s excluded), distillation twins: %s, cache %s",
         ", ".join(plan.sessions), plan.evaluated, ", ".join(plan.teachers) or "none", plan.path,
@@ -242,16 +249,24 @@ def plan_core_stage(cfg: Config, target: Target):
     return plan
 
 
-def _core_stage(cfg: Config, plan, device: torch.device, timer: Timer) -> tuple[Config, dict[str, Any]]:
-    """Train or reuse the shared core; returns the config with ``fit.weights`` set to it."""
+def _core_stage(fits: list, plans: list, device: torch.device, timer: Timer) -> tuple[list, list[dict[str, Any] | None]]:
+    """Train or reuse each recipe's shared core; returns the recipes with ``weights`` set
+    to their core files, and a core summary per recipe (None where no core was needed)."""
     import dataclasses
 
     from synth.surrogate.core import core_summary, ensure_core
 
+    out, reports = [], []
     with timer("core"):
-        path, info = ensure_core(plan, device=device)
-    fit = dataclasses.replace(cfg.fit, weights=str(path), core=None)
-    return dataclasses.replace(cfg, fit=fit), core_summary(info)
+        for fit, plan in zip(fits, plans):
+            if plan is None:
+                out.append(fit)
+                reports.append(None)
+                continue
+            path, info = ensure_core(plan, device=device)
+            out.append(dataclasses.replace(fit, weights=str(path), core=None))
+            reports.append(core_summary(info))
+    return out, reports
 
 
 def _split_fractions(cfg: Config) -> dict[str, float]:
@@ -259,8 +274,13 @@ def _split_fractions(cfg: Config) -> dict[str, float]:
     return {"train": float(sp.train), "val": float(sp.val), "test": float(sp.test)}
 
 
-def _run_stages(cfg: Config, run: RunDir, target: Target, nat: NaturalData, splits: Splits, recorder, device: torch.device, timer: Timer) -> dict[str, Any]:
+def _run_stages(
+    cfg: Config, fits: list, run: RunDir, target: Target, nat: NaturalData, splits: Splits, recorder, device: torch.device, timer: Timer
+) -> dict[str, Any]:
+    """fit -> synthesize -> follow-up -> validate. ``fits``: the surrogate's recipe (with
+    its core resolved), then any ensemble members' (their predictions are averaged)."""
     from synth.surrogate.fit import predict
+    from synth.surrogate.model import SurrogateEnsemble
 
     site_ids = np.asarray(target.site_ids).astype(str)
     y = torch.as_tensor(nat.recording.mean().T, dtype=torch.float32)  # (N, S)
@@ -268,7 +288,16 @@ def _run_stages(cfg: Config, run: RunDir, target: Target, nat: NaturalData, spli
 
     # ---- fit
     with timer("fit"):
-        model, fit_info = _fit_checkpointed(cfg, run, x, y, splits.train, splits.val, site_ids, device, "surrogate.pt", "fit.json", "fit")
+        members, infos = [], []
+        for i, fit in enumerate(fits):
+            names = ("surrogate.pt", "fit.json", "fit") if i == 0 else (f"surrogate_member{i}.pt", f"fit_member{i}.json", f"fit_member{i}")
+            if len(fits) > 1:
+                log.info("ensemble member %d of %d", i + 1, len(fits))
+            m, info = _fit_checkpointed(cfg, fit, run, x, y, splits.train, splits.val, site_ids, device, *names)
+            members.append(m)
+            infos.append(info)
+        model = members[0] if len(members) == 1 else SurrogateEnsemble(members)
+        fit_info = infos[0]
         pred_nat = predict(model, x, device=device)  # (N, S)
         np.savez(run.path("natural.npz"), stimulus_id=nat.stimulus_id, site_id=site_ids, predicted=pred_nat)
         test_rec = nat.recording.select(stimuli=nat.stimulus_id[splits.test])
@@ -282,9 +311,14 @@ def _run_stages(cfg: Config, run: RunDir, target: Target, nat: NaturalData, spli
         "per_site_r_test": {s: float(v) for s, v in zip(site_ids, r_sites)},
         "details": fit_info,
     }
+    if len(members) > 1:
+        fit_report["ensemble"] = [
+            {"median_r_test": _median_r(predict(m, x[splits.test], device=device), test_rec)[0], "details": info}
+            for m, info in zip(members, infos)
+        ]
     held_out = None
     if cfg.stimuli.held_out_surrogate:
-        held_out = _fit_held_out(cfg, run, x, y, splits, site_ids, device, timer)
+        held_out = _fit_held_out(cfg, fits[0], run, x, y, splits, site_ids, device, timer)
         fit_report["held_out_median_r_test"] = _median_r(held_out[1][splits.test], test_rec)[0]
     ref = getattr(target, "reference_predictions", None)
     if callable(ref):
@@ -319,6 +353,14 @@ def _run_stages(cfg: Config, run: RunDir, target: Target, nat: NaturalData, spli
             ids = list(nat.stimulus_id) + ids
             images = torch.cat([x, images], dim=0)
         followup = recorder.record(images, ids, n_repeats=cfg.followup.n_repeats, seed=derive_seed(cfg.seed, "followup"))
+        # The simulated sites' noise-free responses: the truth a real recording only estimates.
+        expected_ids = list(nat.stimulus_id) + list(stim.stimulus_id)
+        expected = Recording(
+            stimulus_id=np.asarray(expected_ids),
+            site_id=np.asarray(recorder.site_ids).astype(str),
+            responses=recorder.expected(torch.cat([x, stim.images], dim=0)).cpu().numpy().astype(np.float64).T[:, :, None],
+            areas=getattr(recorder, "areas", None),
+        )
         if not cfg.followup.record_natural:
             # The natural maxima and z-scores then come from the original natural recording.
             log.info("followup.record_natural is false: natural-set statistics from the original recording")
@@ -337,12 +379,31 @@ def _run_stages(cfg: Config, run: RunDir, target: Target, nat: NaturalData, spli
             min_reliability=cfg.validate.min_reliability,
             seed=derive_seed(cfg.seed, "bootstrap"),
         )
-    report.update(control)
+        report.update(control)
+        report["noise_free"] = _noise_free_figures(run, expected, list(nat.stimulus_id), cfg.followup.n_repeats)
     return report
 
 
-def _fit_held_out(cfg: Config, run: RunDir, x: torch.Tensor, y: torch.Tensor, splits: Splits, site_ids: np.ndarray, device: torch.device, timer: Timer):
-    """The ensemble guard's held-out surrogate: same recipe, another train/val split.
+def _noise_free_figures(run: RunDir, expected: Recording, natural_ids: list[str], n_repeats: int) -> dict[str, Any]:
+    """Stretch and one-hot figures from the simulated recorder's expected responses.
+
+    With ``n_repeats`` noisy trials the natural maximum (the largest of a thousand noisy
+    means) is inflated more than the best of a few synthetic images, which pulls the
+    recorded figures down; these are the figures without trial noise (simulation only).
+    """
+    from synth.validation.control import closed_loop_metrics
+    from synth.validation.io import read_manifest
+
+    m = closed_loop_metrics(expected, None, read_manifest(run.work / "manifest.csv"), natural_ids, n_bootstrap=0)
+    return {
+        "stretch": {k: m["stretch"][k] for k in ("fraction_above_natural_max", "median_gain")},
+        "one_hot": {k: m["one_hot"][k] for k in ("median_score_ratio", "fraction_beating_best_natural")},
+        "note": f"the recorder's expected responses (no trial noise; the recorded figures use {n_repeats} repeats)",
+    }
+
+
+def _fit_held_out(cfg: Config, fit, run: RunDir, x: torch.Tensor, y: torch.Tensor, splits: Splits, site_ids: np.ndarray, device: torch.device, timer: Timer):
+    """The ensemble guard's held-out surrogate: the recipe ``fit``, another train/val split.
 
     Returns ``(model, predictions on the natural set)``; saved as ``surrogate_heldout.pt``
     so ``--resume`` reuses it.
@@ -353,15 +414,15 @@ def _fit_held_out(cfg: Config, run: RunDir, x: torch.Tensor, y: torch.Tensor, sp
     with timer("fit_held_out"):
         tr, va = held_out_splits(splits.train, splits.val, derive_seed(cfg.seed, "held_out_split"))
         log.info("held-out surrogate (ensemble guard) on another split: %d train / %d val images", tr.size, va.size)
-        model, _ = _fit_checkpointed(cfg, run, x, y, tr, va, site_ids, device, "surrogate_heldout.pt", "fit_heldout.json", "fit_held_out")
+        model, _ = _fit_checkpointed(cfg, fit, run, x, y, tr, va, site_ids, device, "surrogate_heldout.pt", "fit_heldout.json", "fit_held_out")
         return model, predict(model, x, device=device)
 
 
 def _fit_checkpointed(
-    cfg: Config, run: RunDir, x: torch.Tensor, y: torch.Tensor, train: np.ndarray, val: np.ndarray,
+    cfg: Config, fit, run: RunDir, x: torch.Tensor, y: torch.Tensor, train: np.ndarray, val: np.ndarray,
     site_ids: np.ndarray, device: torch.device, ckpt_name: str, info_name: str, seed_name: str,
 ):
-    """Fit a surrogate on ``train``/``val`` and save it, or load it when resuming."""
+    """Fit a surrogate by the recipe ``fit`` on ``train``/``val`` and save it, or load it when resuming."""
     from synth.surrogate.fit import fit_surrogate
     from synth.surrogate.model import Surrogate
 
@@ -370,7 +431,7 @@ def _fit_checkpointed(
         log.info("resume: loading fitted surrogate %s", ckpt)
         return Surrogate.load(ckpt, device=device), json.loads((run.work / info_name).read_text())
     model, info = fit_surrogate(
-        cfg.fit, (x[train], y[train]), (x[val], y[val]), site_ids=site_ids, device=device, seed=derive_seed(cfg.seed, seed_name)
+        fit, (x[train], y[train]), (x[val], y[val]), site_ids=site_ids, device=device, seed=derive_seed(cfg.seed, seed_name)
     )
     _save_json(run.path(info_name), info)
     model.save(run.path(ckpt_name + ".tmp"))

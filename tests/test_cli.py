@@ -319,6 +319,36 @@ def test_run_folder_has_everything_a_lab_needs(tiny_run):
         assert np.isfinite(h["loss"][:, 0]).all()
 
 
+def test_noise_free_figures_are_the_recorders_expected_responses(tiny_run):
+    """report.json → noise_free: stretch / one-hot outcomes from the simulated sites' true rates."""
+    from synth.config import load_config
+    from synth.data.stimuli import read_stimulus_set
+    from synth.pipeline import load_target
+    from synth.runtime import derive_seed
+    from synth.validation.io import read_manifest
+
+    _, run = tiny_run
+    rep = json.loads((run / "report.json").read_text())["noise_free"]
+    cfg = load_config(run / "config.resolved.yaml")
+    target = load_target(cfg)
+    nat = target.natural(image_size=cfg.data.image_size, grayscale=cfg.data.grayscale, seed=derive_seed(cfg.seed, "natural"))
+    rec = target.recorder()
+    nat_max = rec.expected(nat.images).numpy().max(0)
+    stim = read_stimulus_set(run)
+    resp = dict(zip(stim.stimulus_id, rec.expected(stim.images).numpy()))
+    sites = list(rec.site_ids)
+    best: dict[str, float] = {}
+    for row in read_manifest(run / "manifest.csv"):
+        if row["objective"] == "stretch":
+            t = sites.index(row["target_site"])
+            best[t] = max(best.get(t, -np.inf), resp[row["stimulus_id"]][t])
+    frac = np.mean([best[t] > nat_max[t] for t in best])
+    gain = np.median([best[t] / nat_max[t] - 1 for t in best])
+    assert rep["stretch"]["fraction_above_natural_max"] == pytest.approx(frac)
+    assert rep["stretch"]["median_gain"] == pytest.approx(gain, rel=1e-5)
+    assert np.isfinite(rep["one_hot"]["median_score_ratio"]) and "no trial noise" in rep["note"]
+
+
 def test_resolved_config_repeats_the_run_exactly(tiny_run, tmp_path, capsys):
     _, run = tiny_run
     again = tmp_path / "again"
@@ -426,6 +456,30 @@ def test_held_out_surrogate_scores_every_saved_image(tmp_path, capsys):
     assert guard["fraction_models_agree"] == pytest.approx(agree / len(rows))
     assert len(guard["disagreeing_stimulus_ids"]) == len(rows) - agree
     assert -1 <= report["fit"]["held_out_median_r_test"] <= 1
+
+
+def test_ensemble_surrogate_averages_its_members(tmp_path, capsys):
+    """fit.ensemble: a second recipe is fitted too; synthesis and predictions use the mean."""
+    cfg = write_cfg(tmp_path / "ens.yaml", fit__ensemble=[{"backbone_kwargs": {"channels": 6}, "epochs": 3}], stimuli__one_hot=False)
+    out = tmp_path / "ens_run"
+    code, _, err = run_cli(["run", cfg, "--out", out, "--quiet"], capsys)
+    assert code == 0, err
+    from synth.data.stimuli import read_stimulus_set
+    from synth.surrogate import Surrogate, predict
+
+    a, b = Surrogate.load(out / "surrogate.pt"), Surrogate.load(out / "surrogate_member1.pt")
+    assert a.backbone.build_spec != b.backbone.build_spec  # the member's own recipe
+    stim = read_stimulus_set(out)
+    with np.load(out / "stimuli.npz") as z:
+        order = {s: i for i, s in enumerate(z["stimulus_id"])}
+        pred = z["predicted"]
+    rows = [order[s] for s in stim.stimulus_id]
+    mean = (predict(a, stim.images) + predict(b, stim.images)) / 2
+    assert np.allclose(pred[rows], mean, rtol=1e-4, atol=1e-4)
+    fit = json.loads((out / "report.json").read_text())["fit"]
+    assert len(fit["ensemble"]) == 2 and all(-1 <= m["median_r_test"] <= 1 for m in fit["ensemble"])
+    assert fit["ensemble"][1]["details"]["epochs_run"] == {"out": 3}
+    assert fit["ensemble"][1]["details"]["feature_shape"]["out"][0] == 6
 
 
 def test_without_natural_rerecording_the_original_recording_gives_the_natural_statistics(tmp_path, capsys):

@@ -5,7 +5,8 @@ Public API:
 - :class:`~synth.surrogate.fit.FitConfig` (the ``fit`` config section),
   :func:`~synth.surrogate.fit.fit_surrogate`, :func:`~synth.surrogate.fit.predict`
 - :class:`~synth.surrogate.model.Surrogate` (``save`` / ``Surrogate.load``,
-  ``receptive_fields``)
+  ``receptive_fields``); :class:`~synth.surrogate.model.SurrogateEnsemble` (the mean of
+  several, ``fit.ensemble``)
 - :func:`~synth.surrogate.fit.fit_core` / :func:`~synth.surrogate.fit.save_core`: a small
   core shared by several sessions, reused with ``backbone: pretrained_core``
 - :class:`~synth.surrogate.core.CoreConfig` (``fit.core``), :func:`~synth.surrogate.core.plan_core`,
@@ -17,7 +18,7 @@ Public API:
 from synth.surrogate.backbones import BACKBONES
 from synth.surrogate.core import CoreConfig, CorePlan, ensure_core, plan_core
 from synth.surrogate.fit import FitConfig, SplitConfig, fit_core, fit_surrogate, predict, save_core
-from synth.surrogate.model import Surrogate
+from synth.surrogate.model import Surrogate, SurrogateEnsemble
 from synth.surrogate.readouts import READOUTS
 
-__all__ = ["BACKBONES", "READOUTS", "CoreConfig", "CorePlan", "ensure_core", "plan_core", "FitConfig", "SplitConfig", "Surrogate", "fit_core", "fit_surrogate", "predict", "save_core"]
+__all__ = ["BACKBONES", "READOUTS", "CoreConfig", "CorePlan", "ensure_core", "plan_core", "FitConfig", "SplitConfig", "Surrogate", "SurrogateEnsemble", "fit_core", "fit_surrogate", "predict", "save_core"]

@@ -14,6 +14,7 @@ mean the same for any response scale.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import time
@@ -96,6 +97,13 @@ class FitConfig:
         default=None,
         metadata={"help": "shared core trained on the other sessions under target.root (with backbone pretrained_core, weights auto)"},
     )
+    ensemble: tuple[dict[str, Any], ...] = field(
+        default=(),
+        metadata={
+            "help": "more surrogates whose predictions are averaged with this one's (for synthesis and the report); "
+            "each a partial fit section overriding this one's keys, e.g. {core: {input_size: 64}}"
+        },
+    )
 
     def __post_init__(self) -> None:
         auto = self.weights.strip().lower() == "auto"
@@ -130,6 +138,29 @@ class FitConfig:
                 key="weights",
             )
 
+        self.members()  # validates every ensemble member now, with its key path
+
+    def members(self) -> tuple["FitConfig", ...]:
+        """This surrogate's recipe, then one per ``ensemble`` entry (each deep-merged over it).
+
+        Raises:
+            ConfigError: naming ``ensemble[i].<key>`` for a bad member.
+        """
+        if not self.ensemble:
+            return (self,)
+        from synth.configtools import from_dict, to_dict
+
+        base = to_dict(self)
+        base.pop("ensemble", None)
+        out = [dataclasses.replace(self, ensemble=())]
+        for i, override in enumerate(self.ensemble):
+            if "ensemble" in override:
+                raise ConfigError("ensemble members cannot have ensembles of their own", key=f"ensemble[{i}].ensemble")
+            if "split" in override:
+                raise ConfigError("every ensemble member is fitted on the same split (set fit.split instead)", key=f"ensemble[{i}].split")
+            out.append(from_dict(FitConfig, _deep_merge(base, override), key=f"ensemble[{i}]"))
+        return tuple(out)
+
     @property
     def trains_backbone(self) -> bool:
         """Whether the backbone's weights are trained: ``train_backbone`` if set, else only
@@ -137,6 +168,20 @@ class FitConfig:
         if self.train_backbone is not None:
             return bool(self.train_backbone)
         return self.backbone in TRAINED_BY_DEFAULT and self.weights.strip().lower() == "none"
+
+
+def _deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``override``'s keys replaced, recursing into mappings present in both.
+
+    A registry spec that names another component (a different ``name``) replaces the
+    base's spec instead of merging into it (its arguments are another component's).
+    """
+    out = dict(base)
+    for k, v in override.items():
+        old = out.get(k)
+        nested = isinstance(v, Mapping) and isinstance(old, Mapping) and v.get("name", old.get("name")) == old.get("name")
+        out[k] = _deep_merge(old, v) if nested else v
+    return out
 
 
 # --------------------------------------------------------------------------- metrics

@@ -168,3 +168,55 @@ class Surrogate(nn.Module):
         except (KeyError, RuntimeError, ValueError, TypeError, ConfigError) as err:
             raise DataError(f"surrogate file {path} is inconsistent: {str(err).splitlines()[0][:200]}") from None
         return model.to(torch.device(device)).freeze()
+
+
+class SurrogateEnsemble(nn.Module):
+    """Several surrogates of the same sites; predicts the mean of their predictions.
+
+    Synthesizing against the mean of differently built surrogates (other cores, input
+    sizes, seeds) favours image features they agree on, which transfer better to the
+    neurons than one model's idiosyncrasies.
+
+    Args:
+        members: surrogates with the same site ids (in the same order) and image size.
+
+    Shape:
+        - Input: ``(N, C, H, W)`` in ``[0, 1]`` (as for each member).
+        - Output: ``(N, S)``, the members' mean.
+    """
+
+    def __init__(self, members: Sequence[Surrogate]) -> None:
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one surrogate")
+        first = members[0]
+        for i, m in enumerate(members[1:], start=1):
+            if list(m.site_ids) != list(first.site_ids):
+                raise ValueError(f"ensemble member {i} predicts other sites than member 0")
+            if m.image_size != first.image_size:
+                raise ValueError(f"ensemble member {i} was fitted on {m.image_size} px images, member 0 on {first.image_size} px")
+        self.members = nn.ModuleList(members)
+        self.site_ids = first.site_ids
+        self.image_size = first.image_size
+        self.in_channels = first.in_channels
+
+    @property
+    def n_sites(self) -> int:
+        return int(self.site_ids.size)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        out = self.members[0](images)
+        for m in self.members[1:]:
+            out = out + m(images)
+        return out / len(self.members)
+
+    def receptive_fields(self) -> torch.Tensor:
+        """The members' mean receptive field per site, ``(S, image_size, image_size)`` in [0, 1]."""
+        rf = torch.stack([m.receptive_fields() for m in self.members]).mean(0)
+        return (rf / rf.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1)).clamp(0, 1)
+
+    def freeze(self) -> "SurrogateEnsemble":
+        """Eval mode and ``requires_grad=False`` everywhere (gradients still reach inputs)."""
+        for m in self.members:
+            m.freeze()
+        return self.eval()

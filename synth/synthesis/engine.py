@@ -293,13 +293,25 @@ class Synthesizer:
         return torch.cat(vals), torch.cat(resp)
 
     # ------------------------------------------------------------------ the loop
-    def run(self, jobs: Sequence[Job], *, desc: str = "synthesis") -> SynthesisResult:
-        """Synthesize one image per job (see module docstring)."""
+    def run(self, jobs: Sequence[Job], *, desc: str = "synthesis", init_images: torch.Tensor | None = None) -> SynthesisResult:
+        """Synthesize one image per job (see module docstring).
+
+        Args:
+            jobs: what to make.
+            desc: progress bar label.
+            init_images: optional ``(N, C, H, W)`` images in [0, 1], one per job, to start
+                from (e.g. natural images); the parameterization's random initial values
+                are added on top. None: start from those random values alone (noise).
+        """
         t0 = time.perf_counter()
         jobs = list(jobs)
         n = len(jobs)
         if n == 0:
             raise ValueError("no jobs to synthesize")
+        if init_images is not None:
+            want = (n, self.param.channels, self.param.size, self.param.size)
+            if tuple(init_images.shape) != want:
+                raise ValueError(f"init_images must have shape {want} (one image per job), got {tuple(init_images.shape)}")
         ids = [j.stimulus_id for j in jobs]
         if len(set(ids)) != n:
             dup = next(s for s in ids if ids.count(s) > 1)
@@ -313,6 +325,8 @@ class Synthesizer:
         plan = self._plan(jobs, objectives, keys)
 
         params = torch.stack([self.param.init(torch_generator(derive_seed(int(j.seed), "synthesis", "init"))) for j in jobs]).to(dev)
+        if init_images is not None:
+            params = params + self.param.encode(init_images.to(dev))
         rule = build_step_rule(self.optimizer, params, self.lr, betas=self.betas)
         for s in self.stoppers:
             s.start(n, dev)
@@ -420,6 +434,7 @@ def synthesize(
     channels: int,
     device: torch.device | str = "cpu",
     stoppers: Sequence[Stopper] | None = None,
+    init_images: torch.Tensor | None = None,
 ) -> SynthesisResult:
     """Synthesize one image per job, all jobs in one batched optimization.
 
@@ -432,6 +447,8 @@ def synthesize(
         image_size: display size (square) in pixels; channels: 1 (grayscale) or 3 (RGB).
         device: cpu, cuda, cuda:N or a torch.device.
         stoppers: replace the config's stopping rules (e.g. a ValueStopper).
+        init_images: optional ``(N, C, H, W)`` starting images in [0, 1], one per job
+            (see :meth:`Synthesizer.run`); None starts from noise.
 
     Returns:
         :class:`SynthesisResult` in job order, images uint8 (N, H, W, C) as they will be
@@ -440,4 +457,4 @@ def synthesize(
     Results depend only on the jobs and cfg (see the module docstring on batching).
     """
     syn = Synthesizer.from_config(model, cfg, context=context, image_size=image_size, channels=channels, device=device, stoppers=stoppers)
-    return syn.run(jobs)
+    return syn.run(jobs, init_images=init_images)

@@ -88,6 +88,34 @@ class ImageParam(nn.Module):
         """One image's initial parameters (on the generator's device), drawn only from ``generator``."""
         return torch.randn(self.param_shape, generator=generator, device=generator.device) * self.init_sd
 
+    def _from_unit(self, x: torch.Tensor, eps: float = 0.01) -> torch.Tensor:
+        """Inverse of ``_to_unit`` (values clipped to [eps, 1 - eps] first, so sigmoid's
+        inverse stays finite)."""
+        x = x.float().clamp(eps, 1.0 - eps)
+        z = torch.logit(x) if self.output == "sigmoid" else x - 0.5
+        if self.decorrelate:
+            z = torch.einsum("rc,nrhw->nchw", torch.linalg.inv(self.color.to(z)).T, z)
+        return z
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Parameters that render (approximately) ``images``: the inverse of ``forward``.
+
+        Used to start synthesis from given images (e.g. natural images) instead of noise.
+        Exact up to the [0.01, 0.99] clipping that keeps the sigmoid's inverse finite.
+
+        Shape:
+            - images: ``(B, C, size, size)`` in [0, 1]
+            - returns: ``(B, *param_shape)``
+        """
+        if images.ndim != 4 or tuple(images.shape[1:]) != (self.channels, self.size, self.size):
+            raise ValueError(
+                f"encode expects images of shape (B, {self.channels}, {self.size}, {self.size}), got {tuple(images.shape)}"
+            )
+        return self._encode(self._from_unit(images))
+
+    def _encode(self, z: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
     def _to_unit(self, z: torch.Tensor) -> torch.Tensor:
         if self.decorrelate:
             z = torch.einsum("rc,nchw->nrhw", self.color.to(z), z)
@@ -114,6 +142,9 @@ class PixelParam(ImageParam):
 
     def forward(self, p: torch.Tensor) -> torch.Tensor:
         return self._to_unit(p)
+
+    def _encode(self, z: torch.Tensor) -> torch.Tensor:
+        return z
 
 
 class FourierParam(ImageParam):
@@ -145,6 +176,10 @@ class FourierParam(ImageParam):
         spec = torch.view_as_complex(p.float().contiguous()) * self.scale.to(p.device)
         z = torch.fft.irfft2(spec, s=(self.size, self.size), norm="ortho")
         return self._to_unit(z)
+
+    def _encode(self, z: torch.Tensor) -> torch.Tensor:
+        spec = torch.fft.rfft2(z, norm="ortho") / self.scale.to(z.device)
+        return torch.view_as_real(spec).contiguous()
 
 
 @PARAMS.register("pixel")

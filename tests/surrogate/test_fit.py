@@ -164,3 +164,44 @@ def test_pearson_columns_known_values():
     r = pearson_columns(a, b)
     assert r[0] == pytest.approx(np.corrcoef(a[:, 0], b[:, 0])[0, 1])
     assert np.isnan(r[1])  # constant prediction
+
+
+def test_ensemble_members_merge_over_the_main_recipe():
+    cfg = from_dict(
+        FitConfig,
+        {
+            "backbone": "pretrained_core",
+            "weights": "auto",
+            "readout": {"name": "factorized", "mask_l1": 0.5},
+            "core": {"input_size": 96, "epochs": 36, "distill_twins": "auto"},
+            "ensemble": [
+                {"core": {"input_size": 64, "distill_twins": "none"}},
+                {"readout": {"mask_l1": 0.1}, "lr": 0.5},
+                {"readout": {"name": "gaussian", "init_sigma": 0.3}},
+            ],
+        },
+        key="fit",
+    )
+    main, m1, m2, m3 = cfg.members()
+    assert main.ensemble == () and main.core == cfg.core and main.lr == cfg.lr
+    # nested sections merge key by key: only the overridden keys change
+    assert (m1.core.input_size, m1.core.epochs, m1.core.distill_twins) == (64, 36, "none")
+    assert m1.readout == cfg.readout
+    assert m2.readout == {"name": "factorized", "mask_l1": 0.1} and m2.lr == 0.5 and m2.core == cfg.core
+    # another component's spec replaces the base's (a gaussian readout has no mask_l1)
+    assert m3.readout == {"name": "gaussian", "init_sigma": 0.3}
+    assert from_dict(FitConfig, {}).members() == (from_dict(FitConfig, {}),)
+
+
+@pytest.mark.parametrize(
+    "member,match",
+    [
+        ({"lrr": 1}, r"fit\.ensemble\[0\]: unknown key 'lrr'"),
+        ({"core": {"input_size": -3}}, r"fit\.ensemble\[0\]\.core\.input_size"),
+        ({"split": {"train": 0.5, "val": 0.2, "test": 0.3}}, r"fit\.ensemble\[0\]\.split: every ensemble member"),
+        ({"ensemble": []}, r"fit\.ensemble\[0\]\.ensemble: .*ensembles of their own"),
+    ],
+)
+def test_ensemble_member_errors_name_the_member(member, match):
+    with pytest.raises(ConfigError, match=match):
+        from_dict(FitConfig, {"backbone": "pretrained_core", "weights": "auto", "ensemble": [member]}, key="fit")

@@ -126,3 +126,28 @@ def test_save_load_torchvision_backbone(tmp_path):
     assert np.array_equal(predict(m, x), predict(m2, x))
     assert m2.backbone.name == "alexnet" and m2.backbone.layer == "conv2"
     assert m2.backbone.preprocessing["mean"] == pytest.approx([0.4, 0.4, 0.4])
+
+
+def test_ensemble_predicts_members_mean_and_checks_them():
+    from synth.surrogate.model import SurrogateEnsemble
+
+    a, b = make_model(seed=0), make_model(seed=1)
+    ens = SurrogateEnsemble([a, b])
+    x = torch.rand(4, 1, 24, 24)
+    with torch.no_grad():
+        assert torch.allclose(ens(x), (a(x) + b(x)) / 2)
+    assert ens.n_sites == 5 and list(ens.site_ids) == list(a.site_ids) and ens.image_size == 24
+    assert np.allclose(predict(ens, x), (predict(a, x) + predict(b, x)) / 2, atol=1e-6)
+    rf = ens.receptive_fields()
+    assert rf.shape == (5, 24, 24) and torch.allclose(rf.flatten(1).amax(1), torch.ones(5))
+    assert not torch.allclose(rf, a.receptive_fields())
+    # gradients reach the input through every member
+    xg = x.clone().requires_grad_(True)
+    ens(xg)[:, 0].sum().backward()
+    assert xg.grad.abs().sum() > 0 and all(p.grad is None for p in ens.parameters())
+    other = make_model(seed=2)
+    other.site_ids = np.array([f"x{i}" for i in range(5)])
+    with pytest.raises(ValueError, match="member 1 predicts other sites"):
+        SurrogateEnsemble([a, other])
+    with pytest.raises(ValueError, match="member 1 was fitted on 20 px"):
+        SurrogateEnsemble([a, make_model(size=20)])

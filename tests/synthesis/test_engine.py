@@ -159,3 +159,19 @@ def test_synthesizer_can_be_assembled_from_pieces():
     assert syn.transforms.n_random > 0 and syn.batch_size == 3
     res = syn.run(_jobs(2))
     assert res.images.shape[0] == 2
+
+
+def test_init_images_start_from_given_images():
+    model, ctx = _setup(channels=3)
+    jobs = _jobs(3)
+    g = torch.Generator().manual_seed(3)
+    start = torch.nn.functional.interpolate(torch.rand(3, 3, 6, 6, generator=g), size=SIZE, mode="bilinear") * 0.8 + 0.1
+    cfg = small_cfg(steps=4, lr=0.01, constraints={"luminance": None, "contrast": None})
+    near = synthesize(model, jobs, cfg, context=ctx, image_size=SIZE, channels=3, init_images=start).images_float()
+    noise = synthesize(model, jobs, cfg, context=ctx, image_size=SIZE, channels=3).images_float()
+    d_near = float((near - start).abs().mean())
+    assert d_near < 0.03 < float((noise - start).abs().mean())
+    # the optimization still moves away from the start towards the objective
+    assert d_near > 0
+    with pytest.raises(ValueError, match="one image per job"):
+        synthesize(model, jobs, cfg, context=ctx, image_size=SIZE, channels=3, init_images=start[:2])

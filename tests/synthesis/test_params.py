@@ -78,3 +78,25 @@ def test_bad_arguments_raise_config_error():
         PARAMS.build({"name": "fourier", "decay": 1.0}, channels=1, size=8)
     with pytest.raises(ConfigError, match="output"):
         PARAMS.build({"name": "pixel", "output": "tanh"}, channels=1, size=8)
+
+
+@pytest.mark.parametrize("name", ["pixel", "fourier"])
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("output,decorrelate", [("sigmoid", True), ("clamp", True), ("sigmoid", False)])
+def test_encode_inverts_forward(name, channels, output, decorrelate):
+    param = PARAMS.build({"name": name, "output": output, "decorrelate": decorrelate}, channels=channels, size=18)
+    x = torch.rand(2, channels, 18, 18, generator=torch.Generator().manual_seed(0)) * 0.9 + 0.05
+    p = param.encode(x)
+    assert p.shape == (2, *param.param_shape)
+    assert torch.allclose(param(p), x, atol=1e-5)
+
+
+def test_encode_clips_to_keep_sigmoid_finite_and_checks_shape():
+    param = PARAMS.build("fourier", channels=1, size=8)
+    x = torch.zeros(1, 1, 8, 8)
+    x[..., :4] = 1.0
+    y = param(param.encode(x))
+    assert torch.isfinite(y).all()
+    assert torch.allclose(y, x.clamp(0.01, 0.99), atol=1e-5)
+    with pytest.raises(ValueError, match=r"\(B, 1, 8, 8\)"):
+        param.encode(torch.rand(1, 3, 8, 8))
