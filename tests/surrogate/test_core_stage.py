@@ -248,10 +248,8 @@ def test_training_guard_refuses_evaluated_session(fake_root, cache):
         core_mod.training_sets(bad)
 
 
-def test_pipeline_with_core_stage(fake_root, cache, tmp_path):
-    """The whole loop on the tiny root: core trained then reused, twins' reference r reported."""
+def _core_stage_config(fake_root, **fit_extra):
     from synth.config import Config
-    from synth.pipeline import run_pipeline
 
     repo = Path(__file__).resolve().parents[2]
     data = {
@@ -269,7 +267,15 @@ def test_pipeline_with_core_stage(fake_root, cache, tmp_path):
         "followup": {"n_repeats": 2},
         "validate": {"n_bootstrap": 0},
     }
-    cfg = from_dict(Config, data)
+    data["fit"].update(fit_extra)
+    return from_dict(Config, data)
+
+
+def test_pipeline_with_core_stage(fake_root, cache, tmp_path):
+    """The whole loop on the tiny root: core trained then reused, twins' reference r reported."""
+    from synth.pipeline import run_pipeline
+
+    cfg = _core_stage_config(fake_root)
     out = run_pipeline(cfg, out=str(tmp_path / "run1"))
     rep = json.loads((out / "report.json").read_text())
     prov = json.loads((out / "provenance.json").read_text())
@@ -282,6 +288,23 @@ def test_pipeline_with_core_stage(fake_root, cache, tmp_path):
     assert "weights: auto" in resolved  # re-running the resolved config reuses the cache
     out2 = run_pipeline(cfg, out=str(tmp_path / "run2"))
     assert json.loads((out2 / "report.json").read_text())["core"]["cache"] == "hit"
+
+
+def test_ensemble_member_gets_its_own_core_without_the_evaluated_session(fake_root, cache, tmp_path):
+    from synth.pipeline import run_pipeline
+
+    cfg = _core_stage_config(fake_root, ensemble=[{"core": {"distill_twins": "none", "epochs": 1}}])
+    out = run_pipeline(cfg, out=str(tmp_path / "run1"))
+    rep = json.loads((out / "report.json").read_text())
+    main, member = rep["core"], rep["ensemble_cores"][0]
+    assert main["key"] != member["key"] and main["cache"] == member["cache"] == "miss"
+    assert member["sessions"] == ["a1", "b2"] and member["excluded_session"] == "c3" and member["distill_twins"] == []
+    assert main["distill_twins"] == ["a1"]
+    assert (out / "surrogate_member1.pt").is_file() and len(rep["fit"]["ensemble"]) == 2
+    assert json.loads((out / "provenance.json").read_text())["ensemble_cores"][0]["key"] == member["key"]
+    rep2 = json.loads((run_pipeline(cfg, out=str(tmp_path / "run2")) / "report.json").read_text())
+    assert rep2["core"]["cache"] == rep2["ensemble_cores"][0]["cache"] == "hit"
+    assert rep2["fit"]["median_r_test"] == pytest.approx(rep["fit"]["median_r_test"])
 
 
 # --------------------------------------------------------------------------- real data
