@@ -347,19 +347,20 @@ def _run_stages(
         from synth.data.stimuli import read_stimulus_set
 
         stim = read_stimulus_set(stim_dir)
-        ids = list(stim.stimulus_id)
-        images = stim.images
-        if cfg.followup.record_natural:
-            ids = list(nat.stimulus_id) + ids
-            images = torch.cat([x, images], dim=0)
-        followup = recorder.record(images, ids, n_repeats=cfg.followup.n_repeats, seed=derive_seed(cfg.seed, "followup"))
-        # The simulated sites' noise-free responses: the truth a real recording only estimates.
-        expected_ids = list(nat.stimulus_id) + list(stim.stimulus_id)
+        ids = list(nat.stimulus_id) + list(stim.stimulus_id)
+        images = torch.cat([x, stim.images], dim=0)
+        # The simulated sites' noise-free responses (the truth a real recording only
+        # estimates), computed once: the noisy trials are drawn around them.
+        mean = recorder.expected(images)
         expected = Recording(
-            stimulus_id=np.asarray(expected_ids),
+            stimulus_id=np.asarray(ids),
             site_id=np.asarray(recorder.site_ids).astype(str),
-            responses=recorder.expected(torch.cat([x, stim.images], dim=0)).cpu().numpy().astype(np.float64).T[:, :, None],
+            responses=mean.cpu().numpy().astype(np.float64).T[:, :, None],
             areas=getattr(recorder, "areas", None),
+        )
+        first = 0 if cfg.followup.record_natural else x.shape[0]
+        followup = recorder.record(
+            images[first:], ids[first:], n_repeats=cfg.followup.n_repeats, seed=derive_seed(cfg.seed, "followup"), expected=mean[first:]
         )
         if not cfg.followup.record_natural:
             # The natural maxima and z-scores then come from the original natural recording.

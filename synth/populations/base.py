@@ -56,8 +56,13 @@ class Recorder(Protocol):
         """
         ...
 
-    def record(self, images: torch.Tensor, stimulus_ids: Sequence[str], *, n_repeats: int, seed: int) -> Recording:
-        """Responses with trial-to-trial noise: a Recording of (S, N, n_repeats)."""
+    def record(
+        self, images: torch.Tensor, stimulus_ids: Sequence[str], *, n_repeats: int, seed: int, expected: torch.Tensor | None = None
+    ) -> Recording:
+        """Responses with trial-to-trial noise: a Recording of (S, N, n_repeats).
+
+        ``expected``: this recorder's ``expected(images)``, when the caller already has it.
+        """
         ...
 
 

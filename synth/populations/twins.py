@@ -513,14 +513,21 @@ class TwinRecorder:
         out = np.maximum(raw * self.slope + self.intercept, 0.0)
         return torch.as_tensor(out, dtype=torch.float32, device=images.device)
 
-    def record(self, images: torch.Tensor, stimulus_ids: Sequence[str], *, n_repeats: int, seed: int) -> Recording:
-        """Responses with trial noise: a Recording of (S, N, n_repeats) spike counts."""
+    def record(
+        self, images: torch.Tensor, stimulus_ids: Sequence[str], *, n_repeats: int, seed: int, expected: torch.Tensor | None = None
+    ) -> Recording:
+        """Responses with trial noise: a Recording of (S, N, n_repeats) spike counts.
+
+        ``expected``: ``self.expected(images)`` when the caller already has it.
+        """
         ids = [str(s) for s in stimulus_ids]
         if len(ids) != images.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {len(ids)} stimulus ids")
         if n_repeats < 1:
             raise ValueError(f"n_repeats must be >= 1, got {n_repeats}")
-        mean = self.expected(images).cpu().numpy().astype(np.float64)  # (N, S)
+        mean = (self.expected(images) if expected is None else expected).cpu().numpy().astype(np.float64)  # (N, S)
+        if mean.shape != (len(ids), len(self.site_ids)):
+            raise ValueError(f"expected responses have shape {mean.shape}, want ({len(ids)}, {len(self.site_ids)})")
         if self.noise == "none":
             resp = np.repeat(mean.T[:, :, None], n_repeats, axis=2)
         else:

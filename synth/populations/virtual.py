@@ -533,11 +533,13 @@ class VirtualRecorder:
             return torch.zeros(0, len(self.site_ids), device=x.device)
         return torch.cat([self.model(x[i : i + self.batch]) for i in range(0, x.shape[0], self.batch)])
 
-    def record(self, images: torch.Tensor, stimulus_ids: Sequence[str], *, n_repeats: int, seed: int) -> Recording:
+    def record(
+        self, images: torch.Tensor, stimulus_ids: Sequence[str], *, n_repeats: int, seed: int, expected: torch.Tensor | None = None
+    ) -> Recording:
         """Trials with noise: Poisson(rate * gain), gain log-normal with a shared part.
 
         The noise of a stimulus depends only on ``(seed, stimulus_id)``, not on the other
-        images recorded with it.
+        images recorded with it. ``expected``: ``self.expected(images)`` if already computed.
 
         Returns:
             Recording of (S, N, n_repeats) spike counts.
@@ -547,7 +549,9 @@ class VirtualRecorder:
             raise ValueError(f"{images.shape[0]} images but {ids.shape[0]} stimulus ids")
         if n_repeats < 1:
             raise ValueError(f"expected n_repeats >= 1, got {n_repeats}")
-        lam = self.expected(images).double().cpu().numpy()  # (N, S)
+        lam = (self.expected(images) if expected is None else expected).double().cpu().numpy()  # (N, S)
+        if lam.shape != (ids.shape[0], len(self.site_ids)):
+            raise ValueError(f"expected responses have shape {lam.shape}, want ({ids.shape[0]}, {len(self.site_ids)})")
         p = self.params
         s2 = p.gain_noise**2
         sd_shared, sd_private = math.sqrt(s2 * p.shared_noise), math.sqrt(s2 * (1 - p.shared_noise))

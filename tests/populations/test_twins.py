@@ -171,6 +171,11 @@ def test_poisson_record_is_seeded_and_per_stimulus():
     exp = recd.expected(x[:3]).numpy().T
     np.testing.assert_allclose(many.responses.mean(axis=2), exp, rtol=0.05)
     np.testing.assert_allclose(many.responses.var(axis=2), exp, rtol=0.15)  # Poisson: var = mean
+    # given the expected responses, the same trials are drawn around them (no second twin pass)
+    e = recd.record(x, ids, n_repeats=5, seed=7, expected=recd.expected(x))
+    np.testing.assert_array_equal(e.responses, a.responses)
+    with pytest.raises(ValueError, match="expected responses have shape"):
+        recd.record(x, ids, n_repeats=5, seed=7, expected=recd.expected(x[:4]))
 
 
 def test_noise_none_returns_expected_exactly():

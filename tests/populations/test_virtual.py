@@ -101,6 +101,13 @@ def test_record_noise_seeded_and_unbiased(pop, images):
     many = rec.record(x[:2], ids[:2], n_repeats=3000, seed=3).mean()  # (S, 2)
     exp = rec.expected(x[:2]).numpy().T
     np.testing.assert_allclose(many, exp, rtol=0.08, atol=0.1)
+    # given the expected responses, the same trials are drawn around them (no second pass)
+    e = rec.record(x, ids, n_repeats=4, seed=1, expected=rec.expected(x))
+    np.testing.assert_array_equal(e.responses, a.responses)
+    doubled = rec.record(x, ids, n_repeats=4, seed=1, expected=2 * rec.expected(x))
+    assert doubled.responses.mean() > 1.5 * a.responses.mean()
+    with pytest.raises(ValueError, match="expected responses have shape"):
+        rec.record(x, ids, n_repeats=4, seed=1, expected=rec.expected(x[:3]))
 
 
 def test_noise_settings(images):
