@@ -26,6 +26,11 @@ log = logging.getLogger(__name__)
 FORMAT = "synth.surrogate/1"
 
 
+def _unit_peak(rf: torch.Tensor) -> torch.Tensor:
+    """Scale each non-negative map ``(S, H, W)`` to a peak of 1 (clipped to [0, 1])."""
+    return (rf / rf.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1)).clamp(0, 1)
+
+
 class Surrogate(nn.Module):
     """Backbone + readout, predicting every site's response to an image.
 
@@ -88,8 +93,7 @@ class Surrogate(nn.Module):
         """
         m = self.readout.spatial_masks().float().unsqueeze(1)  # (S, 1, h, w)
         rf = F.interpolate(m, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False).squeeze(1)
-        rf = rf.clamp_min(0)
-        return (rf / rf.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1)).clamp(0, 1)
+        return _unit_peak(rf.clamp_min(0))
 
     def freeze(self) -> "Surrogate":
         """Eval mode and ``requires_grad=False`` everywhere (gradients still reach inputs)."""
@@ -212,8 +216,7 @@ class SurrogateEnsemble(nn.Module):
 
     def receptive_fields(self) -> torch.Tensor:
         """The members' mean receptive field per site, ``(S, image_size, image_size)`` in [0, 1]."""
-        rf = torch.stack([m.receptive_fields() for m in self.members]).mean(0)
-        return (rf / rf.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1)).clamp(0, 1)
+        return _unit_peak(torch.stack([m.receptive_fields() for m in self.members]).mean(0))
 
     def freeze(self) -> "SurrogateEnsemble":
         """Eval mode and ``requires_grad=False`` everywhere (gradients still reach inputs)."""
