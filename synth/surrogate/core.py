@@ -81,7 +81,7 @@ class CoreConfig:
     lr_schedule: str = field(default="cosine", metadata={"choices": ("plateau", "cosine")})
     augment_shift: int = field(default=0, metadata={"min": 0, "max": 64, "help": "random shifts (pixels at input_size)"})
     val_fraction: float = field(default=0.1, metadata={"min": 0.01, "max": 0.5, "help": "per-session images for early stopping"})
-    max_minutes: float | None = field(default=55.0, metadata={"min": 0.0, "help": "stop training after this many minutes (best epoch kept)"})
+    max_minutes: float | None = field(default=55.0, metadata={"min": 0.0, "help": "time limit of the whole core stage (data, twin labelling, training): no epoch is started that would end past it; the best epoch is kept"})
     cache_dir: str | None = field(default=None, metadata={"help": "where cores are cached (default $SYNTH_CACHE_DIR or ~/.cache/synth)"})
 
     def __post_init__(self) -> None:
@@ -352,7 +352,8 @@ def ensure_core(plan: CorePlan, *, device: torch.device | str = "cpu") -> tuple[
     datasets, names, data_info = training_sets(plan)
     load_s = time.perf_counter() - t0
     cc = plan.config
-    max_s = None if cc.max_minutes is None else float(cc.max_minutes) * 60.0
+    # The limit is for the whole stage: what loading and labelling took comes off training.
+    max_s = None if cc.max_minutes is None else max(0.0, float(cc.max_minutes) * 60.0 - load_s)
     core, rep = fit_core(datasets, cc.fit_config(), device=device, seed=plan.seed, names=names, max_seconds=max_s)
     from synth.configtools import to_dict
 

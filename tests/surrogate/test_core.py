@@ -66,3 +66,11 @@ def test_pretrained_core_errors(tmp_path):
 def test_fit_core_rejects_torchvision():
     with pytest.raises(ConfigError, match="small_cnn"):
         fit_core(sessions(), from_dict(FitConfig, {"backbone": "alexnet", "weights": "x.pth"}))
+
+
+def test_fit_core_time_limit_stops_before_an_epoch_that_would_overrun():
+    cfg = from_dict(FitConfig, {**TINY_FIT, "epochs": 6, "patience": 50})
+    _, rep = fit_core(sessions(), cfg, seed=0, names=["a", "b"], max_seconds=0.0)
+    assert rep["stopped_by_time_limit"] is True and rep["epochs_run"] == 1
+    _, rep = fit_core(sessions(), cfg, seed=0, names=["a", "b"], max_seconds=3600.0)
+    assert rep["stopped_by_time_limit"] is False and rep["epochs_run"] == 6
