@@ -373,6 +373,7 @@ def ensure_core(plan: CorePlan, *, device: torch.device | str = "cpu") -> tuple[
         "epochs_run": rep["epochs_run"],
         "best_epoch": rep["best_epoch"],
         "stopped_by_time_limit": rep.get("stopped_by_time_limit", False),
+        "schedule_epochs": rep.get("schedule_epochs"),
         "data_seconds": round(load_s, 1),
         "train_seconds": rep["train_seconds"],
         "total_seconds": round(time.perf_counter() - t0, 1),
@@ -402,7 +403,7 @@ def core_summary(info: Mapping[str, Any]) -> dict[str, Any]:
     """The part of a core's info that goes into report.json / provenance.json."""
     keys = (
         "cache", "path", "key", "sessions", "excluded_session", "excluded", "distill_twins", "mean_val_median_r",
-        "val_median_r", "epochs_run", "best_epoch", "stopped_by_time_limit", "train_seconds", "total_seconds", "data",
+        "val_median_r", "epochs_run", "best_epoch", "stopped_by_time_limit", "schedule_epochs", "train_seconds", "total_seconds", "data",
     )
     return {k: info.get(k) for k in keys if k in info}
 

@@ -299,9 +299,15 @@ def _site_scale(y: torch.Tensor) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- training
 def _cosine(opt: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-step cosine annealing from the base lr to 0 over ``total_steps``."""
-    total = max(1, int(total_steps))
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total)))
+    """Per-step cosine annealing from the base lr to 0 over ``total_steps``.
+
+    ``sched.total_steps[0]`` may be lowered while training (a time limit shortens the
+    schedule so that the last epoch that fits still ends at lr 0).
+    """
+    total = [max(1, int(total_steps))]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total[0]) / total[0])))
+    sched.total_steps = total  # type: ignore[attr-defined]
+    return sched
 
 
 @dataclass
@@ -582,7 +588,8 @@ def fit_core(
         seed: drives splits, initialization and shuffling.
         names: session names for the report (default ``"0"``, ``"1"``...).
         max_seconds: training time limit: no epoch is started that would end past it
-            (judged by the longest epoch so far; the best epoch is kept); None: no limit.
+            (judged by the longest epoch so far; the best epoch is kept), and a cosine
+            schedule is shortened to the epochs that fit; None: no limit.
 
     Returns:
         (core, report): ``core`` is a plain dict for :func:`save_core` (architecture,
@@ -634,7 +641,7 @@ def fit_core(
     t0 = time.perf_counter()
     best_score, best_state, best_epoch, bad, decays = -math.inf, None, 0, 0, 0
     stopped_by_time = False
-    epoch_start, longest_epoch = t0, 0.0
+    epoch_start, longest_epoch, planned_epochs = t0, 0.0, cfg.epochs
     history: list[dict[str, float]] = []
     epoch = 0
     for epoch in progress(range(cfg.epochs), desc="fit shared core", total=cfg.epochs):
@@ -681,13 +688,21 @@ def fit_core(
         now = time.perf_counter()
         longest_epoch = max(longest_epoch, now - epoch_start)
         epoch_start = now
-        if max_seconds is not None and now - t0 + longest_epoch > max_seconds and epoch + 1 < cfg.epochs:
-            log.warning(
-                "shared core: another epoch would pass the time limit of %.0f s; stopping after %d of %d epochs (best epoch kept)",
-                max_seconds, epoch + 1, cfg.epochs,
-            )
-            stopped_by_time = True
-            break
+        if max_seconds is not None:
+            # Epochs that still fit (judged by the longest so far); the cosine schedule is
+            # shortened to end with them, so a time-limited core is still annealed.
+            fit_more = max(0, int((max_seconds - (now - t0)) // max(longest_epoch, 1e-9)))
+            if epoch + 1 + fit_more < planned_epochs:
+                planned_epochs = epoch + 1 + fit_more
+                if sched is not None:
+                    sched.total_steps[0] = planned_epochs * steps_per_epoch
+                log.warning(
+                    "shared core: only %d of %d epochs fit in the time limit of %.0f s; the schedule now ends there (best epoch kept)",
+                    planned_epochs, cfg.epochs, max_seconds,
+                )
+            if planned_epochs < cfg.epochs and epoch + 1 >= planned_epochs:
+                stopped_by_time = True
+                break
     if best_state is not None:
         backbone.load_state_dict(best_state[0])
         readouts.load_state_dict(best_state[1])
@@ -709,6 +724,7 @@ def fit_core(
         "epochs_run": epoch + 1,
         "best_epoch": best_epoch,
         "stopped_by_time_limit": stopped_by_time,
+        "schedule_epochs": planned_epochs,
         "history": history,
         "train_seconds": round(time.perf_counter() - t0, 3),
         "n_train": {s["name"]: int(s["x_tr"].shape[0]) for s in sessions},

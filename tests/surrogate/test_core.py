@@ -73,4 +73,33 @@ def test_fit_core_time_limit_stops_before_an_epoch_that_would_overrun():
     _, rep = fit_core(sessions(), cfg, seed=0, names=["a", "b"], max_seconds=0.0)
     assert rep["stopped_by_time_limit"] is True and rep["epochs_run"] == 1
     _, rep = fit_core(sessions(), cfg, seed=0, names=["a", "b"], max_seconds=3600.0)
-    assert rep["stopped_by_time_limit"] is False and rep["epochs_run"] == 6
+    assert rep["stopped_by_time_limit"] is False and rep["epochs_run"] == 6 and rep["schedule_epochs"] == 6
+
+
+def test_fit_core_time_limit_shortens_the_cosine_schedule(monkeypatch):
+    """With a clock where every epoch takes 10 s, a 35 s limit fits 3 of 8 epochs, and the
+    cosine schedule is shortened so that the learning rate still reaches 0 at the end."""
+    import synth.surrogate.fit as fit_mod
+
+    clock = {"t": 0.0}
+    lrs = []
+    real_step = torch.optim.Adam.step
+
+    def step(self, *a, **k):
+        lrs.append(self.param_groups[0]["lr"])
+        return real_step(self, *a, **k)
+
+    def pearson_and_tick(*a, **k):  # each session's validation moves the clock 5 s: 10 s an epoch
+        clock["t"] += 5.0
+        return real_pearson(*a, **k)
+
+    real_pearson = fit_mod.pearson_columns
+    monkeypatch.setattr(fit_mod.time, "perf_counter", lambda: clock["t"])
+    monkeypatch.setattr(fit_mod, "pearson_columns", pearson_and_tick)
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    cfg = from_dict(FitConfig, {**TINY_FIT, "epochs": 8, "patience": 50, "lr_schedule": "cosine"})
+    _, rep = fit_core(sessions(), cfg, seed=0, names=["a", "b"], max_seconds=35.0)
+    assert rep["stopped_by_time_limit"] is True
+    assert rep["epochs_run"] == 3 and rep["schedule_epochs"] == 3
+    assert lrs[0] == pytest.approx(cfg.lr)
+    assert lrs[-1] < 0.05 * cfg.lr  # annealed by the end of the shortened schedule
