@@ -27,7 +27,7 @@ from synth.data.recordings import Recording
 from synth.errors import DataError, UserError
 from synth.populations.base import NaturalData, Target
 from synth.rundir import RunDir, atomic_write_text
-from synth.runtime import derive_seed, file_sha256, resolve_device, seed_everything, versions
+from synth.runtime import derive_seed, file_sha256, resolve_device, resolve_precision, seed_everything, versions
 
 log = logging.getLogger(__name__)
 
@@ -186,11 +186,12 @@ def run_pipeline(cfg: Config, *, config_path: str | None = None, out: str | None
             "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
             "seed": cfg.seed,
-            "derived_seeds": {k: derive_seed(cfg.seed, k) for k in ("natural", "split", "core", "fit", "followup", "bootstrap")},
+            "derived_seeds": {k: derive_seed(cfg.seed, k) for k in ("natural", "split", "refit_split", "core", "fit", "followup", "bootstrap")},
             "target": {"name": target.name, "n_sites": int(len(target.site_ids))},
             "inputs_sha256": input_checksums(cfg, config_path, nat),
             "natural_info": {k: v for k, v in nat.info.items() if k != "checksums"},
             "torch_threads": torch.get_num_threads(),
+            "synthesis_precision": resolve_precision(cfg.synthesis.precision, device),
         }
         _save_json(run.path("provenance.json"), provenance)
         core_reports: list[dict[str, Any] | None] = [None] * len(fits)
@@ -288,20 +289,29 @@ def _run_stages(
 
     # ---- fit
     with timer("fit"):
-        members, infos = [], []
-        for i, fit in enumerate(fits):
-            names = ("surrogate.pt", "fit.json", "fit") if i == 0 else (f"surrogate_member{i}.pt", f"fit_member{i}.json", f"fit_member{i}")
-            if len(fits) > 1:
-                log.info("ensemble member %d of %d", i + 1, len(fits))
-            m, info = _fit_checkpointed(cfg, fit, run, x, y, splits.train, splits.val, site_ids, device, *names)
-            members.append(m)
-            infos.append(info)
+        members, infos = _fit_members(cfg, fits, run, x, y, splits.train, splits.val, site_ids, device)
         model = members[0] if len(members) == 1 else SurrogateEnsemble(members)
         fit_info = infos[0]
         pred_nat = predict(model, x, device=device)  # (N, S)
-        np.savez(run.path("natural.npz"), stimulus_id=nat.stimulus_id, site_id=site_ids, predicted=pred_nat)
         test_rec = nat.recording.select(stimuli=nat.stimulus_id[splits.test])
         median_r, r_sites = _median_r(pred_nat[splits.test], test_rec)
+        refit_report = None
+        if cfg.fit.refit == "all":
+            # The held-out figures above are the split surrogate's; synthesis uses the same
+            # recipe refitted on every natural image (a lab's final model), so from here on
+            # `model` and `pred_nat` are the refitted surrogate's.
+            tr_all, va_all = refit_splits(x.shape[0], cfg.fit.split.val, derive_seed(cfg.seed, "refit_split"))
+            log.info("refit on all natural images: %d train / %d val (early stopping)", tr_all.size, va_all.size)
+            final, final_infos = _fit_members(cfg, fits, run, x, y, tr_all, va_all, site_ids, device, suffix="_all")
+            model = final[0] if len(final) == 1 else SurrogateEnsemble(final)
+            pred_nat = predict(model, x, device=device)
+            refit_report = {
+                "n_train_images": int(tr_all.size),
+                "n_val_images": int(va_all.size),
+                "val_median_r": [info.get("val_median_r") for info in final_infos],
+                "note": "the surrogate used for synthesis and in natural.npz / stimuli.npz; median_r_test is the split surrogate's (this one saw the test images)",
+            }
+        np.savez(run.path("natural.npz"), stimulus_id=nat.stimulus_id, site_id=site_ids, predicted=pred_nat)
     fit_report: dict[str, Any] = {
         "median_r_test": median_r,
         "n_sites": int(site_ids.size),
@@ -311,6 +321,8 @@ def _run_stages(
         "per_site_r_test": {s: float(v) for s, v in zip(site_ids, r_sites)},
         "details": fit_info,
     }
+    if refit_report is not None:
+        fit_report["refit"] = refit_report
     if len(members) > 1:
         fit_report["ensemble"] = [
             {"median_r_test": _median_r(predict(m, x[splits.test], device=device), test_rec)[0], "details": info}
@@ -417,6 +429,38 @@ def _fit_held_out(cfg: Config, fit, run: RunDir, x: torch.Tensor, y: torch.Tenso
         log.info("held-out surrogate (ensemble guard) on another split: %d train / %d val images", tr.size, va.size)
         model, _ = _fit_checkpointed(cfg, fit, run, x, y, tr, va, site_ids, device, "surrogate_heldout.pt", "fit_heldout.json", "fit_held_out")
         return model, predict(model, x, device=device)
+
+
+def refit_splits(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Train / validation indices over all ``n`` natural images for ``fit.refit: all``.
+
+    A seeded ``val_fraction`` of the images (at least 2) is kept back for early stopping;
+    every other image, the test split's included, trains the refitted surrogate.
+    """
+    from synth.surrogate.fit import split_indices
+
+    train, val = split_indices(n, val_fraction, seed)
+    return train.numpy(), val.numpy()
+
+
+def _fit_members(
+    cfg: Config, fits: list, run: RunDir, x: torch.Tensor, y: torch.Tensor, train: np.ndarray, val: np.ndarray,
+    site_ids: np.ndarray, device: torch.device, suffix: str = "",
+) -> tuple[list, list[dict[str, Any]]]:
+    """Fit (or, when resuming, load) the surrogate and each ensemble member on ``train``/``val``.
+
+    Files: ``surrogate<suffix>.pt`` / ``fit<suffix>.json``, then ``surrogate_member<i><suffix>.pt``...
+    """
+    members, infos = [], []
+    for i, fit in enumerate(fits):
+        stem = "" if i == 0 else f"_member{i}"
+        names = (f"surrogate{stem}{suffix}.pt", f"fit{stem}{suffix}.json", f"fit{stem}{suffix}")
+        if len(fits) > 1:
+            log.info("ensemble member %d of %d%s", i + 1, len(fits), " (refit on all images)" if suffix else "")
+        m, info = _fit_checkpointed(cfg, fit, run, x, y, train, val, site_ids, device, *names)
+        members.append(m)
+        infos.append(info)
+    return members, infos
 
 
 def _fit_checkpointed(

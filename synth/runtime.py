@@ -41,6 +41,48 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     raise DeviceError(f"unknown device '{name}'; expected auto, cpu, cuda or cuda:N")
 
 
+def _cpu_flags() -> frozenset[str]:
+    """The CPU feature flags of /proc/cpuinfo (empty where there is none, e.g. macOS)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def native_bf16(device: str | torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 natively (so bf16 autocast is faster, not emulated).
+
+    CUDA: ``torch.cuda.is_bf16_supported()``. CPU: the AVX512-BF16 or AMX-BF16 flag
+    (x86 Linux); other CPUs count as not native.
+    """
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if dev.type == "cpu":
+        return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
+    return False
+
+
+def resolve_precision(precision: str, device: str | torch.device) -> str:
+    """Resolve a ``precision`` setting for ``device``: ``auto`` is bf16 where it is native, else fp32.
+
+    An explicit ``bf16`` where it is emulated is kept (with a warning: it is slower there).
+
+    Example:
+        >>> resolve_precision("fp32", "cpu")
+        'fp32'
+    """
+    if precision != "auto":
+        if precision == "bf16" and not native_bf16(device):
+            log.warning("precision bf16 on %s: bfloat16 is emulated here (slower than fp32); consider fp32 or auto", device)
+        return precision
+    return "bf16" if native_bf16(device) else "fp32"
+
+
 def derive_seed(seed: int, *names: object) -> int:
     """Derive a stable 31-bit seed from a base seed and names (stage, site, index...).
 

@@ -309,6 +309,7 @@ def test_run_folder_has_everything_a_lab_needs(tiny_run):
     assert set(rep["timing"]) >= {"record", "fit", "synthesize", "followup", "validate"} and rep["device"] == "cpu"
     prov = json.loads((run / "provenance.json").read_text())
     assert prov["seed"] == 3 and "torch" in prov["versions"] and prov["device"] == "cpu"
+    assert prov["synthesis_precision"] == "fp32"  # the config's default
     assert any(k.endswith("virtual_v4.yaml") for k in prov["inputs_sha256"])
     assert len((run / "manifest.csv").read_text().strip().splitlines()) == 1 + 12  # 6 sites x 2 kinds
     # the loss / objective / target-response history of every image, step by step
@@ -480,6 +481,56 @@ def test_ensemble_surrogate_averages_its_members(tmp_path, capsys):
     assert len(fit["ensemble"]) == 2 and all(-1 <= m["median_r_test"] <= 1 for m in fit["ensemble"])
     assert fit["ensemble"][1]["details"]["epochs_run"] == {"out": 3}
     assert fit["ensemble"][1]["details"]["feature_shape"]["out"][0] == 6
+
+
+def test_refit_on_all_images_synthesizes_with_the_refitted_ensemble(tmp_path, capsys):
+    """fit.refit: all: the held-out r is the split surrogate's; synthesis, natural.npz and
+    stimuli.npz use each member refitted on every natural image."""
+    cfg = write_cfg(
+        tmp_path / "refit.yaml", fit__refit="all", fit__ensemble=[{"backbone_kwargs": {"channels": 6}}], stimuli__one_hot=False
+    )
+    out = tmp_path / "refit_run"
+    code, _, err = run_cli(["run", cfg, "--out", out, "--quiet"], capsys)
+    assert code == 0, err
+    from synth.data.recordings import Recording
+    from synth.data.stimuli import read_stimulus_set
+    from synth.pipeline import make_splits, refit_splits
+    from synth.runtime import derive_seed
+    from synth.surrogate import Surrogate, predict
+    from synth.validation.metrics import pearson_per_site
+
+    load = lambda name: Surrogate.load(out / name)  # noqa: E731
+    split_pair = [load("surrogate.pt"), load("surrogate_member1.pt")]
+    all_pair = [load("surrogate_all.pt"), load("surrogate_member1_all.pt")]
+    fit_all = json.loads((out / "fit_all.json").read_text())
+    n = TINY["target"]["params"]["n_images"]
+    tr, va = refit_splits(n, 0.1, derive_seed(TINY["seed"], "refit_split"))
+    assert (fit_all["n_train"], fit_all["n_val"]) == (tr.size, va.size) == (n - 12, 12)
+    test = make_splits(n, {"train": 0.7, "val": 0.1, "test": 0.2}, TINY["seed"]).test
+    assert np.isin(test, tr).any()  # the refit sees test images; the split fit did not
+
+    with np.load(out / "natural.npz") as z:
+        nat_ids, nat_pred = z["stimulus_id"], z["predicted"]
+    from synth.targets import build_target
+
+    nat = build_target(Path(TINY["target"]["file"]), overrides=TINY["target"]["params"]).natural(
+        image_size=32, grayscale=True, seed=derive_seed(TINY["seed"], "natural")
+    )
+    assert list(nat.stimulus_id) == list(nat_ids)
+    mean = lambda pair, x: (predict(pair[0], x) + predict(pair[1], x)) / 2  # noqa: E731
+    assert np.allclose(nat_pred, mean(all_pair, nat.images), atol=1e-4)
+    assert not np.allclose(nat_pred, mean(split_pair, nat.images), atol=1e-3)
+    stim = read_stimulus_set(out)
+    with np.load(out / "stimuli.npz") as z:
+        order = {s: i for i, s in enumerate(z["stimulus_id"])}
+        pred = z["predicted"][[order[s] for s in stim.stimulus_id]]
+    assert np.allclose(pred, mean(all_pair, stim.images), rtol=1e-4, atol=1e-4)
+
+    fit = json.loads((out / "report.json").read_text())["fit"]
+    test_rec = nat.recording.select(stimuli=nat.stimulus_id[test])
+    r_split = np.nanmedian(pearson_per_site(mean(split_pair, nat.images[test]).T, test_rec.mean()))
+    assert fit["median_r_test"] == pytest.approx(r_split, abs=1e-5)
+    assert fit["refit"]["n_train_images"] == n - 12 and len(fit["refit"]["val_median_r"]) == 2
 
 
 def test_without_natural_rerecording_the_original_recording_gives_the_natural_statistics(tmp_path, capsys):

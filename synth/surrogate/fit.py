@@ -13,6 +13,7 @@ mean the same for any response scale.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -26,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from synth.errors import ConfigError, DataError
-from synth.runtime import derive_seed, progress, resolve_device, torch_generator
+from synth.runtime import derive_seed, progress, resolve_device, resolve_precision, torch_generator
 from synth.surrogate.backbones import BACKBONES, CORE_FORMAT, _small_cnn_layer, build_backbone, default_layer
 from synth.surrogate.core import CoreConfig
 from synth.surrogate.model import Surrogate
@@ -93,6 +94,14 @@ class FitConfig:
     augment_shift: int = field(default=0, metadata={"min": 0, "max": 64, "help": "random shifts of up to this many pixels while training the backbone (0: off)"})
     input_size: int | None = field(default=None, metadata={"min": 0, "help": "resize images inside the model (default: 64 small_cnn, 224 torchvision; 0: never)"})
     split: SplitConfig = field(default_factory=SplitConfig)
+    refit: str = field(
+        default="none",
+        metadata={
+            "choices": ("none", "all"),
+            "help": "none: synthesize with the surrogate fitted on the train split; all: after the held-out test, refit it "
+            "on all natural images (a split.val share kept for early stopping) and synthesize with that one",
+        },
+    )
     core: CoreConfig | None = field(
         default=None,
         metadata={"help": "shared core trained on the other sessions under target.root (with backbone pretrained_core, weights auto)"},
@@ -156,8 +165,9 @@ class FitConfig:
         for i, override in enumerate(self.ensemble):
             if "ensemble" in override:
                 raise ConfigError("ensemble members cannot have ensembles of their own", key=f"ensemble[{i}].ensemble")
-            if "split" in override:
-                raise ConfigError("every ensemble member is fitted on the same split (set fit.split instead)", key=f"ensemble[{i}].split")
+            for key in ("split", "refit"):
+                if key in override:
+                    raise ConfigError(f"every ensemble member is fitted on the same images (set fit.{key} instead)", key=f"ensemble[{i}].{key}")
             out.append(from_dict(FitConfig, _deep_merge(base, override), key=f"ensemble[{i}]"))
         return tuple(out)
 
@@ -301,13 +311,40 @@ def _site_scale(y: torch.Tensor) -> torch.Tensor:
 def _cosine(opt: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Per-step cosine annealing from the base lr to 0 over ``total_steps``.
 
-    ``sched.total_steps[0]`` may be lowered while training (a time limit shortens the
-    schedule so that the last epoch that fits still ends at lr 0).
+    ``sched.total_steps[0]`` may change while training (a time limit fits the schedule
+    to the epochs that fit, so that the last of them still ends at lr 0).
     """
     total = [max(1, int(total_steps))]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total[0]) / total[0])))
     sched.total_steps = total  # type: ignore[attr-defined]
     return sched
+
+
+def _plan_epochs(durations: Sequence[float], elapsed: float, max_seconds: float, epochs: int, planned: int) -> tuple[int, bool]:
+    """How many epochs fit a training time limit, after ``len(durations)`` epochs.
+
+    The estimate is the (lower) median of the last five epochs, so one slow epoch (a load spike)
+    does not cut the schedule for good; the plan may grow back (never past ``epochs``)
+    when epochs get faster. Training stops when the plan is reached or when the next
+    epoch, judged by the slowest of the last five, would end past the limit.
+
+    Returns:
+        (planned epochs, stop now)
+    """
+    done = len(durations)
+    recent = sorted(durations[-5:])
+    typical, slowest = recent[(len(recent) - 1) // 2], recent[-1]
+    new = min(epochs, done + max(0, int((max_seconds - elapsed) // max(typical, 1e-9))))
+    stop = new < epochs and (done >= new or elapsed + slowest > max_seconds)
+    if stop:
+        new = done
+    if new != planned:
+        log.log(
+            logging.WARNING if new < planned else logging.INFO,
+            "shared core: %d of %d epochs fit in the time limit of %.0f s (%.0f s per epoch); the schedule now ends there (best epoch kept)",
+            new, epochs, max_seconds, typical,
+        )
+    return new, stop
 
 
 @dataclass
@@ -554,7 +591,8 @@ def fit_surrogate(
 
 
 # --------------------------------------------------------------------------- shared core
-def _split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted train / validation indices of ``n`` items: a seeded ``val_fraction`` (at least 2) for validation."""
     perm = torch.randperm(n, generator=torch_generator(seed))
     n_val = max(2, int(round(val_fraction * n)))
     if n - n_val < 2:
@@ -570,6 +608,7 @@ def fit_core(
     seed: int = 0,
     names: Sequence[str] | None = None,
     max_seconds: float | None = None,
+    precision: str = "fp32",
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Train one small core shared by several recording sessions (one readout each).
 
@@ -588,19 +627,29 @@ def fit_core(
         seed: drives splits, initialization and shuffling.
         names: session names for the report (default ``"0"``, ``"1"``...).
         max_seconds: training time limit: no epoch is started that would end past it
-            (judged by the longest epoch so far; the best epoch is kept), and a cosine
-            schedule is shortened to the epochs that fit; None: no limit.
+            (judged by the slowest of the last five; the best epoch is kept), and a cosine
+            schedule is fitted to the epochs that fit at the recent median epoch time
+            (:func:`_plan_epochs`); None: no limit.
+        precision: ``fp32``, or ``bf16`` to autocast the core and readouts to bfloat16
+            in training and validation passes (the loss, weights and optimizer stay
+            float32); ``auto``: bf16 where the device computes it natively
+            (:func:`synth.runtime.resolve_precision`). Images are fed channels-last
+            either way (faster convolutions).
 
     Returns:
         (core, report): ``core`` is a plain dict for :func:`save_core` (architecture,
         preprocessing, state_dict); ``report`` holds per-session val median r, epochs,
         history and train time.
     """
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"expected auto, fp32 or bf16, got {precision!r}", key="precision")
     if cfg.backbone not in ("small_cnn", "pretrained_core"):
         raise ConfigError(f"fit_core trains a small_cnn (or pretrained_core) core, got backbone {cfg.backbone}", key="backbone")
     if not datasets:
         raise DataError("fit_core needs at least one session")
     device = resolve_device(device)
+    precision = resolve_precision(precision, device)
+    log.info("core training precision: %s", precision)
     names = [str(i) for i in range(len(datasets))] if names is None else [str(n) for n in names]
     pairs = [_check_pair(d, f"session {nm}") for d, nm in zip(datasets, names)]
     chans = {int(x.shape[1]) for x, _ in pairs}
@@ -616,17 +665,27 @@ def fit_core(
     backbone = build_backbone(
         cfg.backbone, weights=cfg.weights, layer=layer, in_channels=in_channels, input_size=cfg.input_size,
         kwargs=cfg.backbone_kwargs, seed=derive_seed(seed, "core"),
-    ).to(device)
+    ).to(device, memory_format=torch.channels_last)
+    cl = torch.channels_last
+
+    def autocast():
+        if precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
     sessions = []
     for k, ((x, y), nm) in enumerate(zip(pairs, names)):
-        tr, va = _split_indices(x.shape[0], val_fraction, derive_seed(seed, "core-split", nm))
+        tr, va = split_indices(x.shape[0], val_fraction, derive_seed(seed, "core-split", nm))
         scale = _site_scale(y[tr])
         ro = build_readout(cfg.readout, in_shape=backbone.out_shape(int(x.shape[-1]), in_channels), n_sites=y.shape[1], seed=derive_seed(seed, "core-readout", nm))
         ro.init_bias(y[tr].mean(0) / scale)
         if hasattr(ro, "generator"):
             ro.generator = torch_generator(derive_seed(seed, "readout-noise", nm))
         sessions.append(
-            {"name": nm, "x_tr": x[tr].to(device), "y_tr": (y[tr] / scale).to(device), "x_va": x[va].to(device), "y_va": (y[va] / scale), "readout": ro.to(device)}
+            {
+                "name": nm, "x_tr": x[tr].to(device, memory_format=cl), "y_tr": (y[tr] / scale).to(device),
+                "x_va": x[va].to(device, memory_format=cl), "y_va": (y[va] / scale), "readout": ro.to(device),
+            }
         )
     readouts = nn.ModuleList([s["readout"] for s in sessions])
     loss_fn = _loss_fn(cfg.loss)
@@ -641,7 +700,7 @@ def fit_core(
     t0 = time.perf_counter()
     best_score, best_state, best_epoch, bad, decays = -math.inf, None, 0, 0, 0
     stopped_by_time = False
-    epoch_start, longest_epoch, planned_epochs = t0, 0.0, cfg.epochs
+    epoch_start, durations, planned_epochs = t0, [], cfg.epochs
     history: list[dict[str, float]] = []
     epoch = 0
     for epoch in progress(range(cfg.epochs), desc="fit shared core", total=cfg.epochs):
@@ -655,8 +714,9 @@ def fit_core(
             xb = s["x_tr"][idx.to(device)]
             if cfg.augment_shift:
                 xb = random_shift(xb, cfg.augment_shift, g_aug)
-            pred = s["readout"](backbone(xb))
-            loss = loss_fn(pred, s["y_tr"][idx.to(device)]) + s["readout"].regularizer() + backbone.regularizer()
+            with autocast():
+                pred = s["readout"](backbone(xb.contiguous(memory_format=cl)))
+            loss = loss_fn(pred.float(), s["y_tr"][idx.to(device)]) + s["readout"].regularizer() + backbone.regularizer()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -665,9 +725,9 @@ def fit_core(
         backbone.eval()
         readouts.eval()
         scores = {}
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             for s in sessions:
-                pv = torch.cat([s["readout"](backbone(s["x_va"][i : i + 256])) for i in range(0, s["x_va"].shape[0], 256)])
+                pv = torch.cat([s["readout"](backbone(s["x_va"][i : i + 256])).float() for i in range(0, s["x_va"].shape[0], 256)])
                 scores[s["name"]] = _median(pearson_columns(pv.cpu().numpy(), s["y_va"].numpy()))
         history.append(scores)
         score = float(np.nanmean(list(scores.values())))
@@ -686,21 +746,13 @@ def fit_core(
                 for gr in opt.param_groups:
                     gr["lr"] *= 0.3
         now = time.perf_counter()
-        longest_epoch = max(longest_epoch, now - epoch_start)
+        durations.append(now - epoch_start)
         epoch_start = now
         if max_seconds is not None:
-            # Epochs that still fit (judged by the longest so far); the cosine schedule is
-            # shortened to end with them, so a time-limited core is still annealed.
-            fit_more = max(0, int((max_seconds - (now - t0)) // max(longest_epoch, 1e-9)))
-            if epoch + 1 + fit_more < planned_epochs:
-                planned_epochs = epoch + 1 + fit_more
-                if sched is not None:
-                    sched.total_steps[0] = planned_epochs * steps_per_epoch
-                log.warning(
-                    "shared core: only %d of %d epochs fit in the time limit of %.0f s; the schedule now ends there (best epoch kept)",
-                    planned_epochs, cfg.epochs, max_seconds,
-                )
-            if planned_epochs < cfg.epochs and epoch + 1 >= planned_epochs:
+            planned_epochs, stop = _plan_epochs(durations, now - t0, max_seconds, cfg.epochs, planned_epochs)
+            if sched is not None:
+                sched.total_steps[0] = planned_epochs * steps_per_epoch
+            if stop:
                 stopped_by_time = True
                 break
     if best_state is not None:
@@ -714,7 +766,7 @@ def fit_core(
         "input_size": backbone.input_size or 0,
         "mean": backbone.preprocessing["mean"],
         "std": backbone.preprocessing["std"],
-        "state_dict": {k: v.detach().cpu().clone() for k, v in body.state_dict().items()},
+        "state_dict": {k: v.detach().cpu().contiguous().clone() for k, v in body.state_dict().items()},
     }
     log.info("shared core: mean val median r %.3f after %d epochs (best %d), %.0f s", best_score, epoch + 1, best_epoch, time.perf_counter() - t0)
     report = {
@@ -727,6 +779,7 @@ def fit_core(
         "schedule_epochs": planned_epochs,
         "history": history,
         "train_seconds": round(time.perf_counter() - t0, 3),
+        "precision": precision,
         "n_train": {s["name"]: int(s["x_tr"].shape[0]) for s in sessions},
         "n_val": {s["name"]: int(s["x_va"].shape[0]) for s in sessions},
     }

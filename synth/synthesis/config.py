@@ -159,7 +159,11 @@ class SynthesisConfig:
         metadata={"min": 1, "help": "images per model call; a fixed size keeps results independent of how jobs are split into batches (null: all at once)"},
     )
     precision: str = field(
-        default="fp32", metadata={"choices": ("fp32", "bf16", "fp16"), "help": "fp32, or autocast of the model to bf16 (CUDA; CPUs with AVX512-BF16/AMX) or fp16 (CUDA only)"}
+        default="fp32",
+        metadata={
+            "choices": ("fp32", "bf16", "fp16", "auto"),
+            "help": "fp32, or autocast of the model to bf16 (CUDA; CPUs with AVX512-BF16/AMX) or fp16 (CUDA only); auto: bf16 where native, else fp32",
+        },
     )
     compile: bool = field(default=False, metadata={"help": "torch.compile the model (CUDA: faster after a warm-up)"})
 

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from synth.runtime import derive_seed, progress, resolve_device, torch_generator
+from synth.runtime import derive_seed, progress, resolve_device, resolve_precision, torch_generator
 from synth.synthesis.config import SynthesisConfig
 from synth.synthesis.constraints import Display, image_stats, quantize
 from synth.synthesis.jobs import Job, ObjectiveContext, SynthesisResult
@@ -98,7 +98,8 @@ class Synthesizer:
         lr: step size; optimizer: adam, sgd or nsgd.
         stoppers: stopping rules (an image stops when any says so).
         batch_size: images per model call (fixed chunk size), None: all at once.
-        precision: fp32, bf16 or fp16 (autocast of the model, CUDA only).
+        precision: fp32, bf16 or fp16 (autocast of the model; fp16 on CUDA only), or auto
+            (bf16 where the device computes it natively, else fp32).
         device: where to run.
         compile: torch.compile the model.
     """
@@ -139,7 +140,7 @@ class Synthesizer:
         self.optimizer = optimizer
         self.stoppers = list(stoppers)
         self.batch_size = None if batch_size is None else int(batch_size)
-        self.precision = precision
+        self.precision = resolve_precision(precision, self.device)
         self.compile = bool(compile)
         if precision == "fp16" and self.device.type != "cuda":
             log.info("precision fp16 applies to CUDA only; running fp32 on %s", self.device)

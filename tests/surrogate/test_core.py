@@ -103,3 +103,52 @@ def test_fit_core_time_limit_shortens_the_cosine_schedule(monkeypatch):
     assert rep["epochs_run"] == 3 and rep["schedule_epochs"] == 3
     assert lrs[0] == pytest.approx(cfg.lr)
     assert lrs[-1] < 0.05 * cfg.lr  # annealed by the end of the shortened schedule
+
+
+def test_fit_core_time_limit_is_not_cut_for_good_by_one_slow_epoch(monkeypatch):
+    """Epochs of 10 s with one 40 s spike (epoch 2): 12 epochs take 150 s and all fit a
+    150 s limit; judging by the slowest epoch would have stopped after 4."""
+    import synth.surrogate.fit as fit_mod
+
+    durations = [10.0, 40.0] + [10.0] * 10
+    clock = {"t": 0.0, "calls": 0}
+
+    def pearson_and_tick(*a, **k):  # two sessions validated per epoch: half an epoch each
+        clock["t"] += durations[clock["calls"] // 2] / 2
+        clock["calls"] += 1
+        return real_pearson(*a, **k)
+
+    real_pearson = fit_mod.pearson_columns
+    monkeypatch.setattr(fit_mod.time, "perf_counter", lambda: clock["t"])
+    monkeypatch.setattr(fit_mod, "pearson_columns", pearson_and_tick)
+    cfg = from_dict(FitConfig, {**TINY_FIT, "epochs": 12, "patience": 50, "lr_schedule": "cosine"})
+    _, rep = fit_core(sessions(), cfg, seed=0, names=["a", "b"], max_seconds=150.0)
+    assert rep["stopped_by_time_limit"] is False and rep["epochs_run"] == 12 and rep["schedule_epochs"] == 12
+
+
+def test_plan_epochs_shrinks_for_a_slowdown_and_stops_before_overrunning():
+    from synth.surrogate.fit import _plan_epochs
+
+    assert _plan_epochs([10.0] * 3, 30.0, 100.0, 20, 20) == (10, False)  # 7 more at 10 s
+    assert _plan_epochs([10.0] * 3 + [20.0] * 3, 90.0, 100.0, 20, 10) == (6, True)  # next would end at 110 s
+    assert _plan_epochs([10.0, 30.0], 40.0, 1000.0, 20, 20) == (20, False)  # plenty of time
+
+
+def test_fit_core_in_bf16_trains_a_float32_core_close_to_the_fp32_one(core, monkeypatch):
+    """precision bf16 autocasts the training passes: the core learns as well as in fp32
+    (same data, seed and epochs), and what is saved is float32 and loads as usual.
+    ``auto`` picks bf16 on a CPU that computes it natively."""
+    from synth import runtime
+
+    monkeypatch.setattr(runtime, "_cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    cfg = from_dict(FitConfig, {**TINY_FIT, "epochs": 8})
+    c16, rep16 = fit_core(sessions(), cfg, seed=0, names=["a", "b"], precision="auto")
+    _, rep32, _ = core
+    assert rep16["precision"] == "bf16" and rep32["precision"] == "fp32"
+    assert all(v.dtype == torch.float32 and v.is_contiguous() for v in c16["state_dict"].values() if v.is_floating_point())
+    assert rep16["mean_val_median_r"] > np.mean(list(rep16["history"][0].values()))
+    assert abs(rep16["mean_val_median_r"] - rep32["mean_val_median_r"]) < 0.1
+    differs = [k for k, v in c16["state_dict"].items() if v.is_floating_point() and not torch.equal(v, core[0]["state_dict"][k])]
+    assert differs  # the passes really ran in bf16
+    with pytest.raises(ConfigError, match="fp32 or bf16"):
+        fit_core(sessions(), cfg, precision="fp16")

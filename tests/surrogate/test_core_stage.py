@@ -281,7 +281,7 @@ def test_pipeline_with_core_stage(fake_root, cache, tmp_path):
     prov = json.loads((out / "provenance.json").read_text())
     assert rep["core"]["cache"] == "miss" and rep["core"]["sessions"] == ["a1", "b2"]
     assert rep["core"]["distill_twins"] == ["a1"] and rep["core"]["excluded_session"] == "c3"
-    assert prov["core"]["key"] == rep["core"]["key"]
+    assert prov["core"]["key"] == rep["core"]["key"] and rep["core"]["precision"] == "fp32"
     assert np.isfinite(rep["fit"]["reference_median_r_test"]) and rep["fit"]["n_test_images"] == N_IMAGES // 2
     assert "core" in rep["timing"]
     resolved = (out / "config.resolved.yaml").read_text()

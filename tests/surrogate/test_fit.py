@@ -199,6 +199,7 @@ def test_ensemble_members_merge_over_the_main_recipe():
         ({"lrr": 1}, r"fit\.ensemble\[0\]: unknown key 'lrr'"),
         ({"core": {"input_size": -3}}, r"fit\.ensemble\[0\]\.core\.input_size"),
         ({"split": {"train": 0.5, "val": 0.2, "test": 0.3}}, r"fit\.ensemble\[0\]\.split: every ensemble member"),
+        ({"refit": "all"}, r"fit\.ensemble\[0\]\.refit: every ensemble member"),
         ({"ensemble": []}, r"fit\.ensemble\[0\]\.ensemble: .*ensembles of their own"),
     ],
 )

@@ -119,6 +119,16 @@ def test_bf16_autocast_runs_on_cpu():
     assert res.info["precision"] == "bf16" and np.isfinite(res.objective_value).all()
 
 
+@pytest.mark.parametrize("flags,expected", [({"avx512_bf16"}, "bf16"), ({"avx2"}, "fp32")])
+def test_auto_precision_follows_the_cpu(monkeypatch, flags, expected):
+    from synth import runtime
+
+    monkeypatch.setattr(runtime, "_cpu_flags", lambda: frozenset(flags))
+    model, ctx = _setup()
+    res = synthesize(model, _jobs(2), small_cfg(steps=2, precision="auto"), context=ctx, image_size=SIZE, channels=1)
+    assert res.info["precision"] == expected
+
+
 @pytest.mark.parametrize("opt", ["adam", "sgd", "nsgd"])
 def test_optimizers_improve(opt):
     model, ctx = _setup()
