@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -41,6 +43,7 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     raise DeviceError(f"unknown device '{name}'; expected auto, cpu, cuda or cuda:N")
 
 
+@functools.lru_cache(maxsize=None)
 def _cpu_flags() -> frozenset[str]:
     """The CPU feature flags of /proc/cpuinfo (empty where there is none, e.g. macOS)."""
     try:
@@ -78,9 +81,23 @@ def resolve_precision(precision: str, device: str | torch.device) -> str:
     """
     if precision != "auto":
         if precision == "bf16" and not native_bf16(device):
-            log.warning("precision bf16 on %s: bfloat16 is emulated here (slower than fp32); consider fp32 or auto", device)
+            _warn_emulated_bf16(str(device))
         return precision
     return "bf16" if native_bf16(device) else "fp32"
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_emulated_bf16(device: str) -> None:
+    """Warn once per device that an explicit bf16 setting is emulated there."""
+    log.warning("precision bf16 on %s: bfloat16 is emulated here (slower than fp32); consider fp32 or auto", device)
+
+
+def autocast(precision: str, device: str | torch.device) -> contextlib.AbstractContextManager:
+    """The autocast context of a resolved ``precision`` (fp32: none; bf16; fp16) on ``device``."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=resolve_device(device).type, dtype=dtype)
 
 
 def derive_seed(seed: int, *names: object) -> int:

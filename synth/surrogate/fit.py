@@ -13,7 +13,6 @@ mean the same for any response scale.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import logging
@@ -27,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from synth.errors import ConfigError, DataError
-from synth.runtime import derive_seed, progress, resolve_device, resolve_precision, torch_generator
+from synth.runtime import autocast, derive_seed, progress, resolve_device, resolve_precision, torch_generator
 from synth.surrogate.backbones import BACKBONES, CORE_FORMAT, _small_cnn_layer, build_backbone, default_layer
 from synth.surrogate.core import CoreConfig
 from synth.surrogate.model import Surrogate
@@ -667,12 +666,6 @@ def fit_core(
         kwargs=cfg.backbone_kwargs, seed=derive_seed(seed, "core"),
     ).to(device, memory_format=torch.channels_last)
     cl = torch.channels_last
-
-    def autocast():
-        if precision == "fp32":
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
     sessions = []
     for k, ((x, y), nm) in enumerate(zip(pairs, names)):
         tr, va = split_indices(x.shape[0], val_fraction, derive_seed(seed, "core-split", nm))
@@ -714,7 +707,7 @@ def fit_core(
             xb = s["x_tr"][idx.to(device)]
             if cfg.augment_shift:
                 xb = random_shift(xb, cfg.augment_shift, g_aug)
-            with autocast():
+            with autocast(precision, device):
                 pred = s["readout"](backbone(xb.contiguous(memory_format=cl)))
             loss = loss_fn(pred.float(), s["y_tr"][idx.to(device)]) + s["readout"].regularizer() + backbone.regularizer()
             opt.zero_grad(set_to_none=True)
@@ -725,7 +718,7 @@ def fit_core(
         backbone.eval()
         readouts.eval()
         scores = {}
-        with torch.no_grad(), autocast():
+        with torch.no_grad(), autocast(precision, device):
             for s in sessions:
                 pv = torch.cat([s["readout"](backbone(s["x_va"][i : i + 256])).float() for i in range(0, s["x_va"].shape[0], 256)])
                 scores[s["name"]] = _median(pearson_columns(pv.cpu().numpy(), s["y_va"].numpy()))

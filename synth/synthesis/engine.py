@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from synth.runtime import derive_seed, progress, resolve_device, resolve_precision, torch_generator
+from synth.runtime import autocast, derive_seed, progress, resolve_device, resolve_precision, torch_generator
 from synth.synthesis.config import SynthesisConfig
 from synth.synthesis.constraints import Display, image_stats, quantize
 from synth.synthesis.jobs import Job, ObjectiveContext, SynthesisResult
@@ -206,14 +206,8 @@ class Synthesizer:
             out.append((c, real))
         return out
 
-    def _autocast(self):
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
-
     def _model(self, images: torch.Tensor) -> torch.Tensor:
-        with self._autocast():
+        with autocast(self.precision, self.device):
             r = self._forward(images)
         return r.float()
 
