@@ -73,12 +73,16 @@ def native_bf16(device: str | torch.device) -> bool:
 def resolve_precision(precision: str, device: str | torch.device) -> str:
     """Resolve a ``precision`` setting for ``device``: ``auto`` is bf16 where it is native, else fp32.
 
-    An explicit ``bf16`` where it is emulated is kept (with a warning: it is slower there).
+    An explicit ``bf16`` where it is emulated is kept (with a warning: it is slower there);
+    ``fp16`` applies to CUDA only and is fp32 elsewhere.
 
     Example:
         >>> resolve_precision("fp32", "cpu")
         'fp32'
     """
+    if precision == "fp16" and resolve_device(device).type != "cuda":
+        log.info("precision fp16 applies to CUDA only; running fp32 on %s", device)
+        return "fp32"
     if precision != "auto":
         if precision == "bf16" and not native_bf16(device):
             _warn_emulated_bf16(str(device))

@@ -43,6 +43,7 @@ def test_auto_precision_is_bf16_only_where_the_cpu_computes_it_natively(monkeypa
     # explicit settings are kept (bf16 where emulated only warns)
     assert runtime.resolve_precision("bf16", "cpu") == "bf16"
     assert runtime.resolve_precision("fp32", "cpu") == "fp32"
+    assert runtime.resolve_precision("fp16", "cpu") == "fp32"  # fp16 is CUDA only
 
 
 def test_cpu_flags_are_read_from_proc_cpuinfo_where_there_is_one():

@@ -142,9 +142,6 @@ class Synthesizer:
         self.batch_size = None if batch_size is None else int(batch_size)
         self.precision = resolve_precision(precision, self.device)
         self.compile = bool(compile)
-        if precision == "fp16" and self.device.type != "cuda":
-            log.info("precision fp16 applies to CUDA only; running fp32 on %s", self.device)
-            self.precision = "fp32"
         self._forward: Callable[[torch.Tensor], torch.Tensor] = model
         self.nat_mean = context.natural_mean.to(self.device)
         self.nat_std = context.natural_std.to(self.device)

@@ -119,13 +119,15 @@ def test_bf16_autocast_runs_on_cpu():
     assert res.info["precision"] == "bf16" and np.isfinite(res.objective_value).all()
 
 
-@pytest.mark.parametrize("flags,expected", [({"avx512_bf16"}, "bf16"), ({"avx2"}, "fp32")])
-def test_auto_precision_follows_the_cpu(monkeypatch, flags, expected):
+@pytest.mark.parametrize(
+    "precision,flags,expected", [("auto", {"avx512_bf16"}, "bf16"), ("auto", {"avx2"}, "fp32"), ("fp16", {"avx512_bf16"}, "fp32")]
+)
+def test_auto_precision_follows_the_cpu(monkeypatch, precision, flags, expected):
     from synth import runtime
 
     monkeypatch.setattr(runtime, "_cpu_flags", lambda: frozenset(flags))
     model, ctx = _setup()
-    res = synthesize(model, _jobs(2), small_cfg(steps=2, precision="auto"), context=ctx, image_size=SIZE, channels=1)
+    res = synthesize(model, _jobs(2), small_cfg(steps=2, precision=precision), context=ctx, image_size=SIZE, channels=1)
     assert res.info["precision"] == expected
 
 
