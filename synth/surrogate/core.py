@@ -220,6 +220,8 @@ def plan_core(cc: CoreConfig, *, root: str | os.PathLike, evaluated: str, graysc
     cfg_d = to_dict(cc)
     cfg_d.pop("cache_dir", None)
     cfg_d.pop("max_minutes", None)  # a time limit does not change what is trained, only how long
+    if not teachers:
+        cfg_d.pop("distill_images", None)  # no teacher labels any image: the count changes nothing
     blob = json.dumps(
         {
             "version": CORE_CACHE_VERSION,
@@ -339,6 +341,20 @@ def read_cached(plan: CorePlan) -> dict[str, Any] | None:
     return info
 
 
+def _limit_raised(info: Mapping[str, Any], cc: CoreConfig) -> bool:
+    """Whether a cached core was cut short by a time limit that ``cc`` raises (or lifts).
+
+    The limit is not part of the cache key (it does not change what is trained), so a core
+    cut short on a slow day would otherwise be reused when the lab raises the limit.
+    """
+    if not info.get("stopped_by_time_limit"):
+        return False
+    old = (info.get("config") or {}).get("max_minutes")
+    if cc.max_minutes is None:
+        return True
+    return old is not None and float(cc.max_minutes) > float(old)
+
+
 def ensure_core(plan: CorePlan, *, device: torch.device | str = "cpu") -> tuple[Path, dict[str, Any]]:
     """The cached core of ``plan``, trained first if it is not cached yet.
 
@@ -348,6 +364,13 @@ def ensure_core(plan: CorePlan, *, device: torch.device | str = "cpu") -> tuple[
         ``distill_twins``, ``mean_val_median_r``, ``train_seconds``...
     """
     info = read_cached(plan)
+    if info is not None and _limit_raised(info, plan.config):
+        log.info(
+            "core: the cached core %s stopped at its time limit (%s min, %s of %s epochs) and this run allows %s: retraining",
+            plan.path, info["config"].get("max_minutes"), info.get("epochs_run"), plan.config.epochs,
+            "no limit" if plan.config.max_minutes is None else f"{plan.config.max_minutes:g} min",
+        )
+        info = None
     if info is not None:
         log.info("core: reusing cached core %s (sessions %s; twins %s)", plan.path, ", ".join(plan.sessions), ", ".join(plan.teachers) or "none")
         return plan.path, {**info, "cache": "hit", "path": str(plan.path)}

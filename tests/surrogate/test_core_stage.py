@@ -173,6 +173,11 @@ def test_cache_key_tracks_config_seed_mode_and_data(fake_root, cache):
     base = plan_core(_cc(), root=fake_root, evaluated="c3", grayscale=False, seed=0)
     same = plan_core(_cc(max_minutes=5.0), root=fake_root, evaluated="c3", grayscale=False, seed=0)
     assert same.key == base.key  # a time limit does not change what is trained
+    # without teachers the distillation image count changes nothing either; with them it does
+    assert plan_core(_cc(distill_images=7), root=fake_root, evaluated="c3", grayscale=False, seed=0).key == base.key
+    with_t = plan_core(_cc(distill_twins="auto"), root=fake_root, evaluated="c3", grayscale=False, seed=0)
+    assert with_t.teachers and with_t.key != base.key
+    assert plan_core(_cc(distill_twins="auto", distill_images=7), root=fake_root, evaluated="c3", grayscale=False, seed=0).key != with_t.key
     for other in (
         plan_core(_cc(), root=fake_root, evaluated="c3", grayscale=False, seed=1),
         plan_core(_cc(), root=fake_root, evaluated="c3", grayscale=True, seed=0),
@@ -237,6 +242,23 @@ def test_damaged_cache_entry_is_retrained(fake_root, cache):
     _, info = ensure_core(plan)
     assert info["cache"] == "miss"
     assert ensure_core(plan)[1]["cache"] == "hit"
+
+
+@pytest.mark.parametrize("limit", [10.0, None])
+def test_core_cut_short_by_time_is_retrained_when_the_limit_is_raised(fake_root, cache, limit):
+    # a limit of 0: the first epoch runs (there is no duration to plan with yet), no more
+    plan = plan_core(_cc(max_minutes=0.0, epochs=3), root=fake_root, evaluated="a1", grayscale=False, seed=0)
+    _, info = ensure_core(plan)
+    assert info["cache"] == "miss" and info["stopped_by_time_limit"] and info["epochs_run"] == 1
+    # same limit: the cut core is what this limit gives, reused
+    assert ensure_core(plan)[1]["cache"] == "hit"
+    # a higher limit, or none: retrained (same key, same cache folder), then reused
+    raised = plan_core(_cc(max_minutes=limit, epochs=3), root=fake_root, evaluated="a1", grayscale=False, seed=0)
+    assert raised.path == plan.path
+    _, info2 = ensure_core(raised)
+    assert info2["cache"] == "miss" and not info2["stopped_by_time_limit"] and info2["epochs_run"] == 3
+    assert ensure_core(raised)[1]["cache"] == "hit"
+    assert ensure_core(plan)[1]["cache"] == "hit"  # a full core serves a lower limit too
 
 
 def test_training_guard_refuses_evaluated_session(fake_root, cache):
