@@ -66,7 +66,7 @@ class CoreConfig:
         default="none",
         metadata={"help": "sessions whose digital twins label extra images: none, auto (all with twins but the evaluated one) or a list"},
     )
-    distill_images: int = field(default=2000, metadata={"min": 2, "help": "images (from the core sessions) each teacher labels"})
+    distill_images: int = field(default=6000, metadata={"min": 2, "help": "images (from the core sessions) each teacher labels (at most all of them)"})
     backbone_kwargs: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "small_cnn arguments (channels, n_layers, first_kernel, ...)"}
     )
