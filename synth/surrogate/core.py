@@ -8,9 +8,11 @@ calls :func:`ensure_core`, which
 1. plans the core (:func:`plan_core`): the sessions under the data root minus the
    evaluated session (and ``fit.core.exclude``), the digital-twin "teachers" used for
    distillation (never the evaluated session's own twins: those are its follow-up
-   recorder), and a cache key = SHA-256 of the data files' checksums, the core config,
-   the image mode and the seed;
-2. loads ``<cache>/cores/<key>/core.pt`` when it exists (a second run reuses it), else
+   recorder), and a cache key = SHA-256 of the data files' checksums, the core config
+   (less its time limit, and less ``distill_images`` when there is no teacher), the image
+   mode and the seed;
+2. loads ``<cache>/cores/<key>/core.pt`` when it exists (a second run reuses it; a core
+   cut short by its time limit is retrained when this run's limit is higher), else
    trains the core and writes it there atomically, with ``core.json`` (sessions, twins,
    validation r, train time).
 
@@ -367,7 +369,7 @@ def ensure_core(plan: CorePlan, *, device: torch.device | str = "cpu") -> tuple[
     if info is not None and _limit_raised(info, plan.config):
         log.info(
             "core: the cached core %s stopped at its time limit (%s min, %s of %s epochs) and this run allows %s: retraining",
-            plan.path, info["config"].get("max_minutes"), info.get("epochs_run"), plan.config.epochs,
+            plan.path, (info.get("config") or {}).get("max_minutes"), info.get("epochs_run"), plan.config.epochs,
             "no limit" if plan.config.max_minutes is None else f"{plan.config.max_minutes:g} min",
         )
         info = None
