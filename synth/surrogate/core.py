@@ -325,7 +325,9 @@ def _teacher(root: str, session: str):
 
 
 def read_cached(plan: CorePlan) -> dict[str, Any] | None:
-    """The cached core's info (None when absent or unreadable)."""
+    """The cached core's info (None when absent, unreadable, or cut short by a time limit
+    that ``plan`` raises or lifts: the limit is not part of the key, so such a core would
+    otherwise be reused when a lab raises the limit after a slow day)."""
     info_path = plan.path.with_name(CORE_INFO)
     if not (plan.path.exists() and info_path.exists()):
         return None
@@ -340,21 +342,16 @@ def read_cached(plan: CorePlan) -> dict[str, Any] | None:
     if not isinstance(obj, Mapping) or obj.get("format") != CORE_FORMAT or info.get("key") != plan.key:
         log.warning("ignoring cached core %s (wrong format or key)", plan.path)
         return None
+    limit = plan.config.max_minutes
+    if info.get("stopped_by_time_limit"):
+        old = (info.get("config") or {}).get("max_minutes")
+        if limit is None or (old is not None and float(limit) > float(old)):
+            log.info(
+                "core: the cached core %s stopped at its time limit (%s min, %s of %s epochs) and this run allows %s: retraining",
+                plan.path, old, info.get("epochs_run"), plan.config.epochs, "no limit" if limit is None else f"{limit:g} min",
+            )
+            return None
     return info
-
-
-def _limit_raised(info: Mapping[str, Any], cc: CoreConfig) -> bool:
-    """Whether a cached core was cut short by a time limit that ``cc`` raises (or lifts).
-
-    The limit is not part of the cache key (it does not change what is trained), so a core
-    cut short on a slow day would otherwise be reused when the lab raises the limit.
-    """
-    if not info.get("stopped_by_time_limit"):
-        return False
-    old = (info.get("config") or {}).get("max_minutes")
-    if cc.max_minutes is None:
-        return True
-    return old is not None and float(cc.max_minutes) > float(old)
 
 
 def ensure_core(plan: CorePlan, *, device: torch.device | str = "cpu") -> tuple[Path, dict[str, Any]]:
@@ -366,13 +363,6 @@ def ensure_core(plan: CorePlan, *, device: torch.device | str = "cpu") -> tuple[
         ``distill_twins``, ``mean_val_median_r``, ``train_seconds``...
     """
     info = read_cached(plan)
-    if info is not None and _limit_raised(info, plan.config):
-        log.info(
-            "core: the cached core %s stopped at its time limit (%s min, %s of %s epochs) and this run allows %s: retraining",
-            plan.path, (info.get("config") or {}).get("max_minutes"), info.get("epochs_run"), plan.config.epochs,
-            "no limit" if plan.config.max_minutes is None else f"{plan.config.max_minutes:g} min",
-        )
-        info = None
     if info is not None:
         log.info("core: reusing cached core %s (sessions %s; twins %s)", plan.path, ", ".join(plan.sessions), ", ".join(plan.teachers) or "none")
         return plan.path, {**info, "cache": "hit", "path": str(plan.path)}
