@@ -319,15 +319,18 @@ def _control_table(report: Mapping[str, Any]) -> str:
         b = report.get(blk) or {}
         pred = (b.get("predicted") or {}).get(key)
         body += (f'<tr><td class="l">{label}</td><td>{b.get("n_targets", 0)}</td><td>{_fmt(b.get(key))}</td>'
-                 f'<td>{_ci((b.get("ci95") or {}).get(key))}</td><td>{_fmt(pred)}</td></tr>')
+                 f'<td>{_ci((b.get("ci95") or {}).get(key))}</td><td>{_fmt((b.get("held_out_repeats") or {}).get(key))}</td>'
+                 f'<td>{_fmt(pred)}</td></tr>')
     sp = report.get("synthetic_prediction") or {}
     body += (f'<tr><td class="l">Median per-site r, predicted vs recorded, synthesized images</td><td>{sp.get("n_images", "–")} images</td>'
-             f'<td>{_fmt(sp.get("median_site_r"))}</td><td>–</td><td>–</td></tr>')
+             f'<td>{_fmt(sp.get("median_site_r"))}</td><td>–</td><td>–</td><td>–</td></tr>')
     bs = report.get("bootstrap") or {}
     return (
-        '<table><tr><th class="l">outcome</th><th>targets</th><th>recorded</th><th>95% CI</th><th>predicted (model)</th></tr>'
+        '<table><tr><th class="l">outcome</th><th>targets</th><th>recorded</th><th>95% CI</th><th>held-out repeats</th><th>predicted (model)</th></tr>'
         f"{body}</table><p class=\"muted\">Bootstrap: {bs.get('n', 0)} resamples of {html.escape(str(bs.get('resampled', '')))} "
-        f"(seed {bs.get('seed', '–')}). Natural set: {(report.get('natural') or {}).get('n_images', '–')} images.</p>"
+        f"(seed {bs.get('seed', '–')}). Natural set: {(report.get('natural') or {}).get('n_images', '–')} images. "
+        "Held-out repeats: best images picked on half of each image's trials and scored on the other half (both ways, "
+        "averaged); the recorded column picks and scores on the same trials, which favours the larger natural set.</p>"
     )
 
 

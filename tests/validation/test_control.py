@@ -187,3 +187,54 @@ def test_bootstrap_resamples_natural_images(tmp_path):
     assert hi > out["stretch"]["median_gain"] + 0.01
     lo, hi = out["one_hot"]["ci95"]["median_score_ratio"]
     assert hi - lo > 0.0
+
+
+def _equal_rates_recording(n_targets: int, n_natural: int, n_syn: int, n_repeats: int, seed: int):
+    """Every natural and synthesized image drives every site at the same rate (no control at
+    all), with Gaussian trial noise: only selection on noise can make an image "win"."""
+    rng = np.random.default_rng(seed)
+    sites = [f"site{i:03d}" for i in range(n_targets)]
+    nat_ids = [f"nat{i:03d}" for i in range(n_natural)]
+    man, syn_ids = [], []
+    for s in sites:
+        for kind in ("stretch", "one_hot"):
+            for k in range(n_syn):
+                sid = f"{kind}_{s}_s{k}"
+                syn_ids.append(sid)
+                man.append({"stimulus_id": sid, "objective": kind, "target_site": s})
+    ids = nat_ids + syn_ids
+    resp = 10.0 + rng.normal(0.0, 1.0, size=(n_targets, len(ids), n_repeats))
+    return Recording(stimulus_id=np.array(ids), site_id=np.array(sites), responses=resp), man, nat_ids
+
+
+def test_held_out_repeats_remove_the_gain_of_picking_on_trial_noise():
+    # 12 synthesized images per target against 2 natural images, all with the same true
+    # rate: picking the best noisy means makes most targets "beat" their natural maximum;
+    # picking on half the trials and scoring on the other half puts it near a coin toss
+    rec, man, nat = _equal_rates_recording(n_targets=300, n_natural=2, n_syn=12, n_repeats=8, seed=1)
+    out = closed_loop_metrics(rec, None, man, nat, n_bootstrap=0)
+    assert out["stretch"]["fraction_above_natural_max"] > 0.8
+    held = out["stretch"]["held_out_repeats"]
+    assert 0.4 < held["fraction_above_natural_max"] < 0.6
+    assert abs(held["median_gain"]) < 0.02 < out["stretch"]["median_gain"]
+    # one-hot scores need z-scores from more than two natural images
+    rec, man, nat = _equal_rates_recording(n_targets=80, n_natural=10, n_syn=40, n_repeats=8, seed=2)
+    out = closed_loop_metrics(rec, None, man, nat, n_bootstrap=0)
+    held = out["one_hot"]["held_out_repeats"]["fraction_beating_best_natural"]
+    assert held < 0.55 and out["one_hot"]["fraction_beating_best_natural"] > held + 0.15
+
+
+def test_held_out_repeats_equal_the_headline_without_trial_noise(tmp_path):
+    d = make_run(tmp_path, n_sites=6, n_natural=40, n_repeats=4, noise=0.0, seed=3)
+    out = closed_loop_metrics(d["recording"], None, d["manifest"], d["natural_ids"], n_bootstrap=0)
+    for blk, keys in (("stretch", ("fraction_above_natural_max", "median_gain")),
+                      ("one_hot", ("median_score_ratio", "fraction_beating_best_natural"))):
+        for k in keys:
+            assert out[blk]["held_out_repeats"][k] == pytest.approx(out[blk][k], abs=1e-12)
+
+
+def test_held_out_repeats_need_two_repeats(tmp_path):
+    d = make_run(tmp_path, n_sites=4, n_natural=20, n_repeats=1, noise=0.3, seed=0)
+    out = closed_loop_metrics(d["recording"], None, d["manifest"], d["natural_ids"], n_bootstrap=0)
+    assert out["stretch"]["held_out_repeats"] is None and out["one_hot"]["held_out_repeats"] is None
+    assert out["stretch"]["fraction_above_natural_max"] is not None
