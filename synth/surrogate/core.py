@@ -9,8 +9,8 @@ calls :func:`ensure_core`, which
    evaluated session (and ``fit.core.exclude``), the digital-twin "teachers" used for
    distillation (never the evaluated session's own twins: those are its follow-up
    recorder), and a cache key = SHA-256 of the data files' checksums, the core config
-   (less its time limit, and less ``distill_images`` when there is no teacher), the image
-   mode and the seed;
+   (less its time limit, less ``distill_images`` when there is no teacher, and less
+   ``distill_noise_images`` when there is none or it is 0), the image mode and the seed;
 2. loads ``<cache>/cores/<key>/core.pt`` when it exists (a second run reuses it; a core
    cut short by its time limit is retrained when this run's limit is higher), else
    trains the core and writes it there atomically, with ``core.json`` (sessions, twins,
@@ -18,8 +18,9 @@ calls :func:`ensure_core`, which
 
 Distillation (optional): each teacher session's twins, calibrated to their own neurons
 on their own session's natural images, label ``distill_images`` images drawn (seeded)
-from the core sessions; those labels enter ``fit_core`` as one extra "session" per
-teacher (``twins:<session>``). Twins are other neurons than the evaluated ones, used
+from the core sessions, plus ``distill_noise_images`` seeded 1/f-noise images like the
+synthesized stimuli (:func:`noise_images`); those labels enter ``fit_core`` as one extra
+"session" per teacher (``twins:<session>``). Twins are other neurons than the evaluated ones, used
 like any pretrained model.
 
 The cache lives outside the repository: ``fit.core.cache_dir``, else
@@ -69,6 +70,11 @@ class CoreConfig:
         metadata={"help": "sessions whose digital twins label extra images: none, auto (all with twins but the evaluated one) or a list"},
     )
     distill_images: int = field(default=6000, metadata={"min": 2, "help": "images (from the core sessions) each teacher labels (at most all of them)"})
+    distill_noise_images: int = field(
+        default=0,
+        metadata={"min": 0, "help": "seeded 1/f-noise images (half of them blended with natural ones), like synthesized "
+                  "stimuli, that each teacher labels too: responses off the natural-image manifold (0: none)"},
+    )
     backbone_kwargs: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "small_cnn arguments (channels, n_layers, first_kernel, ...)"}
     )
@@ -224,6 +230,8 @@ def plan_core(cc: CoreConfig, *, root: str | os.PathLike, evaluated: str, graysc
     cfg_d.pop("max_minutes", None)  # a time limit does not change what is trained, only how long
     if not teachers:
         cfg_d.pop("distill_images", None)  # no teacher labels any image: the count changes nothing
+    if not teachers or not cfg_d.get("distill_noise_images"):
+        cfg_d.pop("distill_noise_images", None)  # keeps the keys of cores trained before the option existed
     blob = json.dumps(
         {
             "version": CORE_CACHE_VERSION,
@@ -300,6 +308,8 @@ def training_sets(plan: CorePlan) -> tuple[list[tuple[torch.Tensor, torch.Tensor
         n = min(int(cc.distill_images), pool.shape[0])
         idx = np.sort(rng.choice(pool.shape[0], size=n, replace=False))
         x_sel = pool[torch.as_tensor(idx)]
+        if cc.distill_noise_images:
+            x_sel = torch.cat([x_sel, noise_images(int(cc.distill_noise_images), pool, derive_seed(plan.seed, "core-distill-noise"))])
         for t in plan.teachers:
             rec_t = _teacher(plan.root, t)
             t0 = time.perf_counter()
@@ -309,12 +319,48 @@ def training_sets(plan: CorePlan) -> tuple[list[tuple[torch.Tensor, torch.Tensor
             teacher_info[t] = {
                 "n_twins": int(y_t.shape[1]),
                 "n_images": int(n),
+                "n_noise_images": int(cc.distill_noise_images),
                 "image_sessions": sorted({o.split(":")[0] for o in origin[idx]}),
                 "calibration_median_r": rec_t.info.get("median_r"),
                 "label_seconds": round(time.perf_counter() - t0, 1),
             }
-            log.info("core data: twins of %s labelled %d images (%.0f s)", t, n, time.perf_counter() - t0)
+            log.info("core data: twins of %s labelled %d images (%d noise images among them; %.0f s)",
+                     t, x_sel.shape[0], int(cc.distill_noise_images), time.perf_counter() - t0)
     return datasets, names, {"sessions": counts, "teachers": teacher_info}
+
+
+def noise_images(n: int, natural: torch.Tensor, seed: int, decay_power: float = 2.5) -> torch.Tensor:
+    """Seeded images with the statistics of synthesized stimuli, for teachers to label.
+
+    Random spectra scaled by ``1/f ** decay_power`` (the synthesis' Fourier
+    parameterization, decorrelated colour) at RMS contrasts spread from low to high, shifted
+    to the natural images' mean luminance; the second half is blended (weights 0.3-0.7) with
+    random natural images, so the set spans the way from natural to synthetic.
+
+    Args:
+        n: number of images.
+        natural: ``(N, C, H, W)`` natural images in [0, 1] (size, channels, luminance, blends).
+        seed: drives every draw.
+
+    Returns:
+        ``(n, C, H, W)`` images in [0, 1].
+    """
+    from synth.synthesis.params import FourierParam
+
+    _, c, h, w = natural.shape
+    if h != w:
+        raise ValueError(f"noise_images expects square natural images, got {h} x {w}")
+    g = torch.Generator().manual_seed(int(seed))
+    param = FourierParam(decay_power=decay_power, channels=c, size=h, output="sigmoid", decorrelate=True, init_sd=1.0)
+    amp = torch.empty(n, 1, 1, 1, 1).uniform_(1.0, 5.0, generator=g)
+    with torch.no_grad():
+        x = param(torch.randn((n, *param.param_shape), generator=g) * amp)
+    x = (x - x.mean(dim=(1, 2, 3), keepdim=True) + natural.mean()).clamp(0.0, 1.0)
+    half = n // 2
+    pick = torch.randint(0, natural.shape[0], (n - half,), generator=g)
+    a = torch.empty(n - half, 1, 1, 1).uniform_(0.3, 0.7, generator=g)
+    x[half:] = (1 - a) * natural[pick] + a * x[half:]
+    return x
 
 
 def _teacher(root: str, session: str):

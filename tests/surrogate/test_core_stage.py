@@ -178,6 +178,10 @@ def test_cache_key_tracks_config_seed_mode_and_data(fake_root, cache):
     with_t = plan_core(_cc(distill_twins="auto"), root=fake_root, evaluated="c3", grayscale=False, seed=0)
     assert with_t.teachers and with_t.key != base.key
     assert plan_core(_cc(distill_twins="auto", distill_images=7), root=fake_root, evaluated="c3", grayscale=False, seed=0).key != with_t.key
+    # noise images: no change without teachers or at 0 (older cores keep their keys), a new core otherwise
+    assert plan_core(_cc(distill_noise_images=5), root=fake_root, evaluated="c3", grayscale=False, seed=0).key == base.key
+    assert plan_core(_cc(distill_twins="auto", distill_noise_images=0), root=fake_root, evaluated="c3", grayscale=False, seed=0).key == with_t.key
+    assert plan_core(_cc(distill_twins="auto", distill_noise_images=5), root=fake_root, evaluated="c3", grayscale=False, seed=0).key != with_t.key
     for other in (
         plan_core(_cc(), root=fake_root, evaluated="c3", grayscale=False, seed=1),
         plan_core(_cc(), root=fake_root, evaluated="c3", grayscale=True, seed=0),
@@ -185,6 +189,32 @@ def test_cache_key_tracks_config_seed_mode_and_data(fake_root, cache):
         plan_core(_cc(), root=fake_root, evaluated="b2", grayscale=False, seed=0),
     ):
         assert other.key != base.key and other.path != base.path
+
+
+def test_noise_images_are_seeded_in_range_at_natural_luminance():
+    g = torch.Generator().manual_seed(0)
+    natural = 0.2 + 0.5 * torch.rand(30, 3, 32, 32, generator=g)
+    a = core_mod.noise_images(12, natural, seed=5)
+    assert a.shape == (12, 3, 32, 32) and a.dtype == torch.float32
+    assert torch.equal(a, core_mod.noise_images(12, natural, seed=5))
+    assert not torch.equal(a, core_mod.noise_images(12, natural, seed=6))
+    assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0
+    assert abs(float(a[:6].mean()) - float(natural.mean())) < 0.02  # pure noise at the natural luminance
+    contrast = a[:6].flatten(1).std(dim=1)
+    assert float(contrast.min()) > 0.02 and float(contrast.max() - contrast.min()) > 0.02  # a spread of contrasts
+    # the second half are blends: each correlates with some natural image, unlike pure noise
+    def best_r(x):
+        v, n = x.flatten() - x.mean(), natural.flatten(1) - natural.flatten(1).mean(1, keepdim=True)
+        return float(((n @ v) / (n.norm(dim=1) * v.norm())).max())
+    assert min(best_r(x) for x in a[6:]) > 0.15 and max(best_r(x) for x in a[:6]) < 0.1
+
+
+def test_teachers_label_the_noise_images_too(fake_root, cache):
+    plan = plan_core(_cc(distill_twins="auto", distill_noise_images=4), root=fake_root, evaluated="c3", grayscale=False, seed=0)
+    datasets, names, info = core_mod.training_sets(plan)
+    x_t, y_t = datasets[names.index("twins:a1")]
+    assert x_t.shape[0] == y_t.shape[0] == 10 + 4 and torch.isfinite(y_t).all()
+    assert info["teachers"]["a1"]["n_images"] == 10 and info["teachers"]["a1"]["n_noise_images"] == 4
 
 
 # --------------------------------------------------------------------------- training + cache
@@ -211,7 +241,7 @@ def test_core_never_loads_evaluated_session_and_cache_is_reused(fake_root, cache
     assert "c3" not in loaded and set(loaded) == {"a1", "b2"}
     assert twin_sessions_loaded == ["a1"]  # only the other session's twins label images
     assert info["sessions"] == ["a1", "b2"] and info["excluded_session"] == "c3" and info["distill_twins"] == ["a1"]
-    assert info["data"]["teachers"]["a1"]["n_images"] == 10
+    assert info["data"]["teachers"]["a1"]["n_images"] == 10 and info["data"]["teachers"]["a1"]["n_noise_images"] == 0
     assert "c3" not in info["data"]["teachers"]["a1"]["image_sessions"]
     assert set(info["val_median_r"]) == {"a1", "b2", "twins:a1"}
     saved = json.loads(path.with_name("core.json").read_text())
