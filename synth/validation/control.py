@@ -213,15 +213,8 @@ def _half_means(resp: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.ndarray
     Shape:
         resp: (S, N, R) with present repeats first, k: (S, N) -> (S, N), (S, N)
     """
-    r = np.arange(resp.shape[2])[None, None, :]
-    h = (k // 2)[:, :, None]
-    vals = np.where(np.isnan(resp), 0.0, resp)
-    out = []
-    for inside in (r < h, (r >= h) & (r < k[:, :, None])):
-        n = inside.sum(2)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out.append(np.where(n > 0, np.where(inside, vals, 0.0).sum(2) / np.maximum(n, 1), np.nan))
-    return out[0], out[1]
+    first = np.arange(resp.shape[2])[None, None, :] < (k // 2)[:, :, None]
+    return repeat_mean(np.where(first, resp, np.nan)), repeat_mean(np.where(first, np.nan, resp))
 
 
 def _held_out_summary(R_nat: np.ndarray, k_nat: np.ndarray, R_syn: np.ndarray, k_syn: np.ndarray,
