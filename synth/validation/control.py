@@ -33,7 +33,7 @@ The same figures computed from the model's predictions stand beside them under
 Picking the best of many noisy repeat means favours images whose trials happened to run
 high, and the natural set (often a thousand images or more) gains more from that than a
 target's few synthesized images, so the headline figures lean against control (and rise
-with more images per target for no real gain). ``"held_out_repeats"`` gives the same
+with more images per target, from trial noise alone as well). ``"held_out_repeats"`` gives the same
 figures with picking and scoring on different trials: the first half of every image's
 repeats picks each site's natural maximum, each target's best stretch / one-hot image
 and the best natural one-hot image, the second half scores them (z-scores from its own
