@@ -307,6 +307,14 @@ def _control_cards(report: Mapping[str, Any]) -> str:
         f'<div class="muted">{html.escape(d)}</div></div>' for t, v, d in cards)
 
 
+def _held_cell(held: Mapping[str, Any] | None, key: str) -> str:
+    """A held-out-repeats figure with its 95% CI, or '–'."""
+    if not held:
+        return "–"
+    ci = (held.get("ci95") or {}).get(key)
+    return _fmt(held.get(key)) + (f" {_ci(ci)}" if ci else "")
+
+
 def _control_table(report: Mapping[str, Any]) -> str:
     rows = [
         ("Stretch: fraction of targets above their natural max", "stretch", "fraction_above_natural_max"),
@@ -319,7 +327,7 @@ def _control_table(report: Mapping[str, Any]) -> str:
         b = report.get(blk) or {}
         pred = (b.get("predicted") or {}).get(key)
         body += (f'<tr><td class="l">{label}</td><td>{b.get("n_targets", 0)}</td><td>{_fmt(b.get(key))}</td>'
-                 f'<td>{_ci((b.get("ci95") or {}).get(key))}</td><td>{_fmt((b.get("held_out_repeats") or {}).get(key))}</td>'
+                 f'<td>{_ci((b.get("ci95") or {}).get(key))}</td><td>{_held_cell(b.get("held_out_repeats"), key)}</td>'
                  f'<td>{_fmt(pred)}</td></tr>')
     sp = report.get("synthetic_prediction") or {}
     body += (f'<tr><td class="l">Median per-site r, predicted vs recorded, synthesized images</td><td>{sp.get("n_images", "–")} images</td>'

@@ -22,9 +22,10 @@ from synth.validation.io import Predictions
 
 log = logging.getLogger(__name__)
 
-#: seeds of the two random procedures are derived as default_rng([seed, TAG])
+#: seeds of the random procedures (split halves, bootstrap, held-out-repeats bootstrap) are derived as default_rng([seed, TAG])
 SPLIT_HALF_TAG = 1
 BOOTSTRAP_TAG = 2
+HELD_OUT_BOOTSTRAP_TAG = 3
 
 _REL_TOL = 1e-12  # a vector whose spread is below this fraction of its magnitude is constant
 

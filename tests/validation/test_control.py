@@ -233,6 +233,33 @@ def test_held_out_repeats_equal_the_headline_without_trial_noise(tmp_path):
             assert out[blk]["held_out_repeats"][k] == pytest.approx(out[blk][k], abs=1e-12)
 
 
+def test_held_out_repeats_ci_covers_the_coin_toss_and_excludes_the_recorded_figure():
+    # all images share one true rate, so a fresh-trial pick beats the natural maximum about
+    # half the time: the held-out interval holds 0.5, the recorded figure lies above it
+    rec, man, nat = _equal_rates_recording(n_targets=80, n_natural=2, n_syn=12, n_repeats=8, seed=1)
+    out = closed_loop_metrics(rec, None, man, nat, n_bootstrap=60, seed=4)
+    held = out["stretch"]["held_out_repeats"]
+    lo, hi = held["ci95"]["fraction_above_natural_max"]
+    assert lo <= held["fraction_above_natural_max"] <= hi
+    assert lo < 0.5 < hi < out["stretch"]["fraction_above_natural_max"]
+    glo, ghi = held["ci95"]["median_gain"]
+    assert glo < 0.0 < ghi
+    assert out["one_hot"]["held_out_repeats"]["ci95"]["median_score_ratio"] is not None
+    assert closed_loop_metrics(rec, None, man, nat, n_bootstrap=0)["stretch"]["held_out_repeats"]["ci95"] == {
+        "fraction_above_natural_max": None, "median_gain": None}
+
+
+def test_held_out_repeats_ci_holds_its_point_estimate(tmp_path):
+    # a bootstrap that spoils the natural set's pick (resampled natural images or trials)
+    # pushes the whole interval above the held-out figure; re-split trials must not
+    d = make_run(tmp_path, n_sites=40, n_natural=300, n_repeats=10, noise=2.0, seed=5)
+    out = closed_loop_metrics(d["recording"], None, d["manifest"], d["natural_ids"], n_bootstrap=100, seed=2)
+    for blk, k in (("stretch", "median_gain"), ("one_hot", "median_score_ratio")):
+        held = out[blk]["held_out_repeats"]
+        lo, hi = held["ci95"][k]
+        assert lo < held[k] < hi, (blk, k, lo, held[k], hi)
+
+
 def test_held_out_repeats_need_two_repeats(tmp_path):
     d = make_run(tmp_path, n_sites=4, n_natural=20, n_repeats=1, noise=0.3, seed=0)
     out = closed_loop_metrics(d["recording"], None, d["manifest"], d["natural_ids"], n_bootstrap=0)

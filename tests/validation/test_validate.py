@@ -65,7 +65,8 @@ def test_end_to_end_writes_report_json_and_html(tmp_path, run):
     assert "target site03" in html and "http://" not in html and "https://" not in html
     held = rep["stretch"]["held_out_repeats"]["median_gain"]
     assert f"{held:.3f}" != f"{rep['stretch']['median_gain']:.3f}"
-    assert "<th>held-out repeats</th>" in html and f"<td>{held:.3f}</td>" in html
+    lo, hi = rep["stretch"]["held_out_repeats"]["ci95"]["median_gain"]
+    assert "<th>held-out repeats</th>" in html and f"<td>{held:.3f} [{lo:.3f}, {hi:.3f}]</td>" in html
     for sid in run["syn_ids"]:
         assert f'alt="{sid}"' in html
 
