@@ -68,7 +68,9 @@ from synth.data.recordings import Recording
 from synth.errors import DataError
 from synth.progress import progress
 from synth.validation.io import Predictions, jsonable, normalize_objective
-from synth.validation.metrics import BOOTSTRAP_TAG, HELD_OUT_BOOTSTRAP_TAG, compact_repeats, pearson_per_site, repeat_mean, rng_for
+from synth.validation.metrics import (
+    BOOTSTRAP_TAG, HELD_OUT_BOOTSTRAP_TAG, compact_repeats, half_means, pearson_per_site, repeat_mean, rng_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -212,29 +214,6 @@ def _stats(
                one_hot_beats=np.where(np.isfinite(ratio), (ratio > 1).astype(float), np.nan),
                one_hot_natural_arg=o_arg)
     return out
-
-
-def _half_means(resp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Repeat means of the first and the second half of each image's present repeats
-    (``k // 2`` and ``k - k // 2`` of them); NaN in the first where an image has one repeat.
-
-    Shape:
-        resp: (S, N, R) with present repeats first -> (S, N), (S, N)
-    """
-    k = np.sum(~np.isnan(resp), axis=2)
-    first = np.arange(resp.shape[2])[None, None, :] < (k // 2)[:, :, None]
-    return repeat_mean(np.where(first, resp, np.nan)), repeat_mean(np.where(first, np.nan, resp))
-
-
-def _shuffle_repeats(resp: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Each image's repeats in a random order, the same order for every site (trials are
-    shared), present repeats moved back to the front.
-
-    Shape:
-        resp: (S, N, R) -> (S, N, R)
-    """
-    order = np.argsort(rng.random(resp.shape[1:]), axis=1)
-    return compact_repeats(np.take_along_axis(resp, np.broadcast_to(order[None], resp.shape), axis=2))
 
 
 def _held_out_folds(nat: tuple[np.ndarray, np.ndarray], syn: tuple[np.ndarray, np.ndarray], stretch: _Groups,
@@ -417,7 +396,7 @@ def closed_loop_metrics(
     # held-out repeats: None unless some natural and some synthesized image have two repeats
     held: dict[str, float] | None = None
     if (k_nat >= 2).any() and (k_syn >= 2).any():
-        held = _held_out_folds(_half_means(R_nat), _half_means(R_syn), groups["stretch"], groups["one_hot"])
+        held = _held_out_folds(half_means(R_nat), half_means(R_syn), groups["stretch"], groups["one_hot"])
 
     # predictions
     p_head: dict[str, float] | None = None
@@ -459,8 +438,8 @@ def closed_loop_metrics(
             for k, v in vals.items():
                 boot[k][b] = v
             if held is not None:  # the same targets, the whole natural set; every image's trials split anew
-                hn = _half_means(_shuffle_repeats(R_nat, rng_held))
-                hs = _half_means(_shuffle_repeats(R_syn, rng_held))
+                hn = half_means(R_nat, rng_held.random(R_nat.shape[1:]))
+                hs = half_means(R_syn, rng_held.random(R_syn.shape[1:]))
                 for k, v in _held_out_folds(hn, hs, groups["stretch"], groups["one_hot"], st_idx, oh_idx).items():
                     boot_held[k][b] = v
         ci = _percentile_ci(boot)

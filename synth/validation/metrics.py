@@ -179,6 +179,36 @@ def spearman_brown(r: np.ndarray | float) -> np.ndarray:
         return np.where(r > -1.0, 2.0 * r / (1.0 + r), np.nan)
 
 
+def half_means(responses: np.ndarray, keys: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Repeat means of two halves of each image's present repeats, ``k // 2`` and
+    ``k - k // 2`` of them.
+
+    Without ``keys`` the first half is the first ``k // 2`` present repeats; with ``keys``
+    (one random number per image and repeat slot) the present repeats are first ordered by
+    their keys, the same order for every site (trials are shared).
+
+    Args:
+        responses: (S, N, R) with present repeats first (:func:`compact_repeats`).
+        keys: (N, R) sort keys of a random split, or None.
+
+    Returns:
+        (S, N), (S, N): NaN in the first where an image has one repeat, in both where none.
+    """
+    k = _counts(responses)
+    slots = np.arange(responses.shape[2])
+    inside = slots[None, None, :] < k[:, :, None]
+    if keys is None:
+        rank = np.broadcast_to(slots, responses.shape)
+    else:
+        ordered = np.where(inside, np.asarray(keys)[None, :, :], np.inf)
+        rank = np.argsort(np.argsort(ordered, axis=2, kind="stable"), axis=2, kind="stable")
+    a = inside & (rank < (k // 2)[:, :, None])
+    b = inside & ~a
+    vals = np.where(inside, responses, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (vals * a).sum(2) / a.sum(2), (vals * b).sum(2) / b.sum(2)
+
+
 def split_half_reliability(responses: np.ndarray, *, n_splits: int = 20, seed: int = 0) -> np.ndarray:
     """Spearman-Brown corrected split-half reliability of each site's repeat means.
 
@@ -200,23 +230,11 @@ def split_half_reliability(responses: np.ndarray, *, n_splits: int = 20, seed: i
         raise ValueError("n_splits must be >= 1")
     resp = compact_repeats(responses)
     S, N, R = resp.shape
-    k = _counts(resp)
     rng = rng_for(seed, SPLIT_HALF_TAG)
-    slots = np.arange(R)
-    inside = slots[None, None, :] < k[:, :, None]
-    half = (k // 2)[:, :, None]
-    usable = k >= 2
-    vals = np.where(inside, resp, 0.0)
+    usable = _counts(resp) >= 2
     out = np.zeros((n_splits, S))
     for j in range(n_splits):
-        u = rng.random((N, R))
-        keys = np.where(inside, u[None, :, :], np.inf)
-        rank = np.argsort(np.argsort(keys, axis=2, kind="stable"), axis=2, kind="stable")
-        a = inside & (rank < half)
-        b = inside & (rank >= half)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            ma = (vals * a).sum(2) / a.sum(2)
-            mb = (vals * b).sum(2) / b.sum(2)
+        ma, mb = half_means(resp, rng.random((N, R)))
         ma = np.where(usable, ma, np.nan)
         mb = np.where(usable, mb, np.nan)
         out[j] = spearman_brown(pearson_per_site(ma, mb))
