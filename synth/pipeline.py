@@ -174,7 +174,7 @@ def run_pipeline(cfg: Config, *, config_path: str | None = None, out: str | None
         splits = make_splits(nat.images.shape[0], _split_fractions(cfg), cfg.seed)
         fits = list(cfg.fit.members())  # the surrogate's recipe, then any ensemble members'
         core_plans = [plan_core_stage(cfg, target, fit) for fit in fits]
-        recorder = target.recorder()
+        recorder = target.recorder(device=device)
 
     run = RunDir.open_partial(resume) if resume else RunDir.create(cfg.name, out)
     _attach_log(run.path("run.log"))

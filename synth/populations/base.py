@@ -77,7 +77,9 @@ class Target(Protocol):
     def natural(self, *, image_size: int, grayscale: bool, seed: int) -> NaturalData:
         ...
 
-    def recorder(self) -> Recorder:
+    def recorder(self, device: torch.device | str | None = None) -> Recorder:
+        """The simulated follow-up recorder (None for real recordings), computing on ``device``
+        (None: where it already computes)."""
         ...
 
 

@@ -112,7 +112,8 @@ class LabRecordingsTarget:
         sums[str(self.responses)] = file_sha256(self.responses)
         return NaturalData(images=x, recording=rec, stimulus_id=rec.stimulus_id, info={"images": self.images, "responses": self.responses, "checksums": sums})
 
-    def recorder(self):
+    def recorder(self, device: torch.device | str | None = None) -> None:  # noqa: ARG002
+        """None: a lab's follow-up is recorded on the rig (then ``synth validate``)."""
         return None
 
 

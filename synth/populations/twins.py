@@ -611,10 +611,15 @@ class Cowley2023Target:
         """
         return self.recorder().natural_expected(stimulus_ids)
 
-    def recorder(self) -> TwinRecorder:
-        """The calibrated digital twins of this session (ConfigError if it has none)."""
+    def recorder(self, device: torch.device | str | None = None) -> TwinRecorder:
+        """The calibrated digital twins of this session (ConfigError if it has none).
+
+        Args:
+            device: where the twins compute, calibration included (None: the CPU when
+                first built, else where they already are).
+        """
         if self._recorder is not None:
-            return self._recorder
+            return self._recorder if device is None else self._recorder.to(device)
         files = cowley.twin_files(self.root, self.session)
         if not files:
             have = twin_sessions(self.root)
@@ -629,7 +634,7 @@ class Cowley2023Target:
             extra = sorted(set(files) - set(expected_k))
             what = f"no twin for neuron {missing[0]}" if missing else f"twin for neuron {extra[0]} but only {self.site_ids.size} recorded neurons"
             raise DataError(f"{Path(self.root) / cowley.MODELS_DIR}: session {self.session}: {what}")
-        ens = load_twins(self.root, self.session, device="cpu")
+        ens = load_twins(self.root, self.session, device=device or "cpu")
         _, x, rec = cowley.load_session(self.root, self.session, image_size=cowley.NATIVE_SIZE, grayscale=False)
         self._recorder = TwinRecorder.calibrate(ens, x, rec, noise=self.followup_noise)
         return self._recorder

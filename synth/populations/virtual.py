@@ -519,6 +519,12 @@ class VirtualRecorder:
         self.areas = areas
         self.params = params
         self.batch = batch
+        self.device: torch.device | None = None  # None: compute where the images are
+
+    def to(self, device: torch.device | str | None) -> "VirtualRecorder":
+        """Compute on ``device`` (None: wherever the images are)."""
+        self.device = None if device is None else torch.device(device)
+        return self
 
     @torch.no_grad()
     def expected(self, images: torch.Tensor) -> torch.Tensor:
@@ -527,11 +533,11 @@ class VirtualRecorder:
         Shape:
             images: (N, C, H, W) in [0, 1], C = 1 or 3; returns (N, S) float32 on the images' device.
         """
-        x = _as_model_input(images)
+        x = _as_model_input(images.to(self.device or images.device))
         self.model.to(x.device)
         if x.shape[0] == 0:
-            return torch.zeros(0, len(self.site_ids), device=x.device)
-        return torch.cat([self.model(x[i : i + self.batch]) for i in range(0, x.shape[0], self.batch)])
+            return torch.zeros(0, len(self.site_ids), device=images.device)
+        return torch.cat([self.model(x[i : i + self.batch]) for i in range(0, x.shape[0], self.batch)]).to(images.device)
 
     def record(
         self, images: torch.Tensor, stimulus_ids: Sequence[str], *, n_repeats: int, seed: int, expected: torch.Tensor | None = None
@@ -617,8 +623,9 @@ class VirtualPopulation:
         }
         return NaturalData(images=x, recording=rec, stimulus_id=ids, info=info)
 
-    def recorder(self) -> VirtualRecorder:
-        return self._recorder
+    def recorder(self, device: torch.device | str | None = None) -> VirtualRecorder:
+        """The simulated rig, computing on ``device`` (None: where it already computes; at first where the images are)."""
+        return self._recorder if device is None else self._recorder.to(device)
 
 
 @TARGETS.register("virtual")

@@ -271,8 +271,12 @@ def _to_mode(x_rgb: torch.Tensor, grayscale: bool) -> torch.Tensor:
     return (x_rgb * w).sum(dim=1, keepdim=True).clamp_(0.0, 1.0)
 
 
-def training_sets(plan: CorePlan) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[str], dict[str, Any]]:
+def training_sets(plan: CorePlan, *, device: torch.device | str = "cpu") -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[str], dict[str, Any]]:
     """Load the core's datasets: one per session, plus one per teacher's twins.
+
+    Args:
+        plan: from ``plan_core``.
+        device: where the teachers' twins compute their labels (the datasets stay on the CPU).
 
     Returns:
         (datasets, names, info): datasets of (images at ``input_size`` in the plan's
@@ -311,7 +315,7 @@ def training_sets(plan: CorePlan) -> tuple[list[tuple[torch.Tensor, torch.Tensor
         if cc.distill_noise_images:
             x_sel = torch.cat([x_sel, noise_images(int(cc.distill_noise_images), pool, derive_seed(plan.seed, "core-distill-noise"))])
         for t in plan.teachers:
-            rec_t = _teacher(plan.root, t)
+            rec_t = _teacher(plan.root, t, device)
             t0 = time.perf_counter()
             y_t = rec_t.expected(x_sel).float()
             datasets.append((_resize(_to_mode(x_sel, plan.grayscale), size), y_t))
@@ -363,11 +367,11 @@ def noise_images(n: int, natural: torch.Tensor, seed: int, decay_power: float = 
     return x
 
 
-def _teacher(root: str, session: str):
-    """A teacher session's twins calibrated on that session's own natural images."""
+def _teacher(root: str, session: str, device: torch.device | str = "cpu"):
+    """A teacher session's twins, computed on ``device``, calibrated on that session's own natural images."""
     from synth.populations.twins import build_cowley2023
 
-    return build_cowley2023(root=root, session=session, followup_noise="none").recorder()
+    return build_cowley2023(root=root, session=session, followup_noise="none").recorder(device=device)
 
 
 def read_cached(plan: CorePlan) -> dict[str, Any] | None:
@@ -419,7 +423,7 @@ def ensure_core(plan: CorePlan, *, device: torch.device | str = "cpu") -> tuple[
         ", ".join(plan.sessions), plan.evaluated, ", ".join(plan.teachers) or "none", plan.path,
     )
     t0 = time.perf_counter()
-    datasets, names, data_info = training_sets(plan)
+    datasets, names, data_info = training_sets(plan, device=device)
     load_s = time.perf_counter() - t0
     cc = plan.config
     # The limit is for the whole stage: what loading and labelling took comes off training.

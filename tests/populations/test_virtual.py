@@ -181,3 +181,14 @@ def test_gradient_ascent_exceeds_natural_max(pop, images):
         opt.step()
     with torch.no_grad():
         assert model(torch.sigmoid(p))[0, 0] > nat_max
+
+
+def test_recorder_device_is_kept_and_results_come_back_on_the_images_device(images):
+    pop = build_virtual_target(n_v4=2, n_it=0, seed=7)
+    rec = pop.recorder()
+    assert rec.device is None  # at first: wherever the images are
+    a = rec.expected(images[:4])
+    assert pop.recorder(device="cpu") is rec and rec.device == torch.device("cpu")
+    assert pop.recorder().device == torch.device("cpu")  # asking again leaves it where it is
+    b = rec.expected(images[:4])
+    assert b.device == images.device and torch.equal(a, b)

@@ -217,6 +217,61 @@ def test_teachers_label_the_noise_images_too(fake_root, cache):
     assert info["teachers"]["a1"]["n_images"] == 10 and info["teachers"]["a1"]["n_noise_images"] == 4
 
 
+def _spy_twin_devices(monkeypatch) -> list[tuple[str, object]]:
+    """Record the device every twin load asks for; load on the CPU (the sentinel devices are not real)."""
+    asked: list[tuple[str, object]] = []
+    real = twins.load_twins
+
+    def spy(root, session, *, device="cpu", **kw):
+        asked.append((str(session), device))
+        return real(root, session, device="cpu", **kw)
+
+    monkeypatch.setattr(twins, "load_twins", spy)
+    return asked
+
+
+def test_teachers_and_recorder_compute_on_the_device_they_are_given(fake_root, cache, monkeypatch):
+    """The twins label and calibrate where the run computes (on a GPU, not left on the CPU)."""
+    from synth.targets import build_target
+
+    asked = _spy_twin_devices(monkeypatch)
+    plan = plan_core(_cc(distill_twins="auto"), root=fake_root, evaluated="c3", grayscale=False, seed=0)
+    core_mod.training_sets(plan, device="gpu-under-test")
+    assert asked == [("a1", "gpu-under-test")]
+
+    repo = Path(__file__).resolve().parents[2]
+    target = build_target(repo / "targets" / "cowley2023.yaml", root=str(fake_root), session="c3", overrides={"followup_noise": "none"})
+    rec = target.recorder(device="gpu-under-test")
+    assert asked[-1] == ("c3", "gpu-under-test")
+    assert target.recorder() is rec and len(asked) == 2  # calibrated once, left where it is
+    target.recorder(device="cpu")
+    assert rec.ensemble._device().type == "cpu" and len(asked) == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
+def test_pipeline_on_cuda_runs_the_twins_on_cuda(fake_root, cache, tmp_path, monkeypatch):
+    from synth.config import Config
+    from synth.configtools import to_dict
+    from synth.pipeline import run_pipeline
+
+    asked: list[str] = []
+    real = twins.load_twins
+
+    def spy(root, session, *, device="cpu", **kw):
+        ens = real(root, session, device=device, **kw)
+        asked.append(ens._device().type)
+        return ens
+
+    monkeypatch.setattr(twins, "load_twins", spy)
+    cfg = from_dict(Config, {**to_dict(_core_stage_config(fake_root)), "device": "cuda"})
+    out = run_pipeline(cfg, out=str(tmp_path / "run"))
+    rep = json.loads((out / "report.json").read_text())
+    assert asked == ["cuda", "cuda"]  # the teacher (a1) and the recorder (c3)
+    assert json.loads((out / "provenance.json").read_text())["device"].startswith("cuda")
+    assert np.isfinite(rep["fit"]["reference_median_r_test"])
+
+
 # --------------------------------------------------------------------------- training + cache
 
 
@@ -340,6 +395,16 @@ def test_pipeline_with_core_stage(fake_root, cache, tmp_path):
     assert "weights: auto" in resolved  # re-running the resolved config reuses the cache
     out2 = run_pipeline(cfg, out=str(tmp_path / "run2"))
     assert json.loads((out2 / "report.json").read_text())["core"]["cache"] == "hit"
+
+
+def test_pipeline_hands_its_device_to_the_twins(fake_root, cache, tmp_path, monkeypatch):
+    """The run's resolved device reaches the teachers' and the recorder's twins (not a default)."""
+    from synth.pipeline import run_pipeline
+
+    asked = _spy_twin_devices(monkeypatch)
+    run_pipeline(_core_stage_config(fake_root), out=str(tmp_path / "run"))
+    assert [s for s, _ in asked] == ["c3", "a1"]  # the recorder (record stage), then the teacher (core stage)
+    assert all(isinstance(d, torch.device) and d.type == "cpu" for _, d in asked), asked
 
 
 def test_ensemble_member_gets_its_own_core_without_the_evaluated_session(fake_root, cache, tmp_path):
