@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 # a local wheel cache where one is configured, else downloads them).
 TORCH  := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-slow bench install clean
+.PHONY: demo test test-slow test-gpu bench install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,9 @@ test: $(VENV)/.installed
 
 test-slow: $(VENV)/.installed
 	$(BIN)/python -m pytest -q -m slow
+
+test-gpu: $(VENV)/.installed
+	$(BIN)/python -m pytest -q -m gpu
 
 bench: $(VENV)/.installed
 	$(BIN)/synth bench synthesis --device cpu
