@@ -19,7 +19,7 @@ images in one tensor ``(N, *param_shape)`` and renders any subset of rows::
 For RGB images both can decorrelate colour: the three parameter channels are
 independent opponent components (luminance, red-green, blue-yellow) mixed into RGB with
 amplitudes 1 : 0.3 : 0.15, roughly the relative spread of these components in natural
-photographs. Values are mapped into [0, 1] by ``output``: ``sigmoid`` (smooth, default)
+photographs; ``chroma`` scales the two colour components (0: grey images in RGB). Values are mapped into [0, 1] by ``output``: ``sigmoid`` (smooth, default)
 or ``clamp`` (``x + 0.5`` clipped).
 """
 
@@ -49,9 +49,13 @@ _OPPONENT = torch.tensor(
 _OPPONENT_AMPLITUDE = torch.tensor([1.0, 0.3, 0.15])
 
 
-def color_matrix() -> torch.Tensor:
-    """The (3, 3) matrix mixing decorrelated components into RGB (luminance column has norm 1)."""
-    return _OPPONENT * _OPPONENT_AMPLITUDE.view(1, 3)
+def color_matrix(chroma: float = 1.0) -> torch.Tensor:
+    """The (3, 3) matrix mixing decorrelated components into RGB (luminance column has norm 1).
+
+    Args:
+        chroma: scale of the two colour-opponent columns (1: natural amplitudes, 0: grey).
+    """
+    return _OPPONENT * (_OPPONENT_AMPLITUDE * torch.tensor([1.0, chroma, chroma])).view(1, 3)
 
 
 class ImageParam(nn.Module):
@@ -63,9 +67,11 @@ class ImageParam(nn.Module):
         output: ``sigmoid`` or ``clamp`` (how values are mapped into [0, 1]).
         decorrelate: mix opponent colour components into RGB (ignored for C = 1).
         init_sd: standard deviation of the random initial parameters.
+        chroma: with ``decorrelate``, scale of the colour-opponent components (1: their
+            natural amplitudes; 0: grey images in RGB).
     """
 
-    def __init__(self, *, channels: int, size: int, output: str, decorrelate: bool, init_sd: float) -> None:
+    def __init__(self, *, channels: int, size: int, output: str, decorrelate: bool, init_sd: float, chroma: float = 1.0) -> None:
         super().__init__()
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
@@ -73,12 +79,15 @@ class ImageParam(nn.Module):
             raise ValueError(f"output must be one of {', '.join(_OUTPUTS)}, got {output!r}")
         if init_sd < 0:
             raise ValueError(f"init_sd must be >= 0, got {init_sd}")
+        if not chroma >= 0:
+            raise ValueError(f"chroma must be >= 0, got {chroma}")
         self.channels = int(channels)
         self.size = int(size)
         self.output = output
         self.decorrelate = bool(decorrelate) and channels == 3
         self.init_sd = float(init_sd)
-        self.register_buffer("color", color_matrix(), persistent=False)
+        self.chroma = float(chroma)
+        self.register_buffer("color", color_matrix(self.chroma), persistent=False)
 
     @property
     def param_shape(self) -> tuple[int, ...]:
@@ -94,7 +103,7 @@ class ImageParam(nn.Module):
         x = x.float().clamp(eps, 1.0 - eps)
         z = torch.logit(x) if self.output == "sigmoid" else x - 0.5
         if self.decorrelate:
-            z = torch.einsum("rc,nrhw->nchw", torch.linalg.inv(self.color.to(z)).T, z)
+            z = torch.einsum("rc,nrhw->nchw", torch.linalg.pinv(self.color.to(z)).T, z)  # chroma 0: colour dropped
         return z
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -183,9 +192,9 @@ class FourierParam(ImageParam):
 
 
 @PARAMS.register("pixel")
-def pixel(*, output: str = "sigmoid", decorrelate: bool = False, init_sd: float = 0.01, channels: int, size: int) -> PixelParam:
-    """Pixel parameterization (``output``: sigmoid or clamp)."""
-    return PixelParam(channels=channels, size=size, output=output, decorrelate=decorrelate, init_sd=init_sd)
+def pixel(*, output: str = "sigmoid", decorrelate: bool = False, init_sd: float = 0.01, chroma: float = 1.0, channels: int, size: int) -> PixelParam:
+    """Pixel parameterization (``output``: sigmoid or clamp; ``chroma`` as for ``fourier``)."""
+    return PixelParam(channels=channels, size=size, output=output, decorrelate=decorrelate, init_sd=init_sd, chroma=chroma)
 
 
 @PARAMS.register("fourier")
@@ -195,8 +204,15 @@ def fourier(
     output: str = "sigmoid",
     decorrelate: bool = True,
     init_sd: float = 0.01,
+    chroma: float = 1.0,
     channels: int,
     size: int,
 ) -> FourierParam:
-    """Fourier parameterization with 1/f scaling and (RGB) decorrelated colour."""
-    return FourierParam(channels=channels, size=size, output=output, decorrelate=decorrelate, init_sd=init_sd, decay_power=decay_power)
+    """Fourier parameterization with 1/f scaling and (RGB) decorrelated colour.
+
+    ``chroma`` scales the colour-opponent components (RGB with ``decorrelate``): 1 keeps
+    their natural amplitudes, 0 synthesizes grey images (R = G = B) for an RGB model.
+    """
+    return FourierParam(
+        channels=channels, size=size, output=output, decorrelate=decorrelate, init_sd=init_sd, decay_power=decay_power, chroma=chroma
+    )

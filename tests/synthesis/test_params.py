@@ -80,6 +80,37 @@ def test_bad_arguments_raise_config_error():
         PARAMS.build({"name": "pixel", "output": "tanh"}, channels=1, size=8)
 
 
+def test_bad_values_fail_when_the_config_loads():
+    """A bad value is caught by the config, not minutes later when synthesis builds the param."""
+    from synth.configtools import from_dict
+    from synth.synthesis import SynthesisConfig
+
+    with pytest.raises(ConfigError, match=r"param: chroma must be >= 0, got -0.5"):
+        from_dict(SynthesisConfig, {"param": {"name": "fourier", "chroma": -0.5}})
+    with pytest.raises(ConfigError, match=r"param: decay_power must be >= 0"):
+        from_dict(SynthesisConfig, {"param": {"name": "fourier", "decay_power": -1}})
+
+
+@pytest.mark.parametrize("name", ["pixel", "fourier"])
+def test_chroma_scales_the_colour_components(name):
+    """chroma 0: grey images (R = G = B); 0.5: half the colour deviation of chroma 1."""
+    imgs = {}
+    for c in (0.0, 0.5, 1.0):
+        param = PARAMS.build({"name": name, "output": "clamp", "decorrelate": True, "chroma": c}, channels=3, size=8)
+        p = 0.05 * torch.randn(1, *param.param_shape, generator=torch.Generator().manual_seed(1))
+        imgs[c] = param(p)
+    dev = {c: x - x.mean(dim=1, keepdim=True) for c, x in imgs.items()}  # colour: deviation from the channels' mean
+    assert float(dev[1.0].abs().max()) > 1e-3 and float(dev[0.0].abs().max()) < 1e-6
+    assert torch.allclose(dev[0.5], 0.5 * dev[1.0], atol=1e-6)
+    assert torch.allclose(imgs[0.0].mean(dim=1), imgs[1.0].mean(dim=1), atol=1e-6)  # luminance untouched
+
+
+def test_chroma_zero_encodes_the_grey_part_of_an_image():
+    param = PARAMS.build({"name": "fourier", "chroma": 0.0}, channels=3, size=12)
+    grey = torch.rand(2, 1, 12, 12, generator=torch.Generator().manual_seed(0)) * 0.8 + 0.1
+    assert torch.allclose(param(param.encode(grey.expand(-1, 3, -1, -1))), grey.expand(-1, 3, -1, -1), atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["pixel", "fourier"])
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("output,decorrelate", [("sigmoid", True), ("clamp", True), ("sigmoid", False)])
