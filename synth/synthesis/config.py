@@ -176,11 +176,7 @@ class SynthesisConfig:
         from synth.synthesis.transforms import TRANSFORMS
 
         check_spec(PARAMS, self.param, "param")
-        name, kwargs = _spec_name(self.param, "param")
-        try:  # values too (e.g. a negative decay_power), now rather than after the core and fit stages
-            PARAMS.get(name)(**kwargs, channels=3, size=8)
-        except (ValueError, TypeError) as err:
-            raise ConfigError(str(err), key="param") from None
+        PARAMS.build(self.param, key="param", channels=3, size=8)  # its values too, now rather than after the core and fit stages
         for i, t in enumerate(self.transforms):
             check_spec(TRANSFORMS, t, f"transforms[{i}]")
         for i, p in enumerate(self.priors):

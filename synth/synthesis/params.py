@@ -19,8 +19,9 @@ images in one tensor ``(N, *param_shape)`` and renders any subset of rows::
 For RGB images both can decorrelate colour: the three parameter channels are
 independent opponent components (luminance, red-green, blue-yellow) mixed into RGB with
 amplitudes 1 : 0.3 : 0.15, roughly the relative spread of these components in natural
-photographs; ``chroma`` scales the two colour components (0: grey images in RGB). Values are mapped into [0, 1] by ``output``: ``sigmoid`` (smooth, default)
-or ``clamp`` (``x + 0.5`` clipped).
+photographs; ``chroma`` scales the two colour components (0: grey images in RGB).
+Values are mapped into [0, 1] by ``output``: ``sigmoid`` (smooth, default) or ``clamp``
+(``x + 0.5`` clipped).
 """
 
 from __future__ import annotations

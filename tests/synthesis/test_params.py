@@ -85,9 +85,9 @@ def test_bad_values_fail_when_the_config_loads():
     from synth.configtools import from_dict
     from synth.synthesis import SynthesisConfig
 
-    with pytest.raises(ConfigError, match=r"param: chroma must be >= 0, got -0.5"):
+    with pytest.raises(ConfigError, match=r"param: bad arguments for image parameterization 'fourier': chroma must be >= 0, got -0.5"):
         from_dict(SynthesisConfig, {"param": {"name": "fourier", "chroma": -0.5}})
-    with pytest.raises(ConfigError, match=r"param: decay_power must be >= 0"):
+    with pytest.raises(ConfigError, match=r"param: bad arguments for image parameterization 'fourier': decay_power must be >= 0"):
         from_dict(SynthesisConfig, {"param": {"name": "fourier", "decay_power": -1}})
 
 
