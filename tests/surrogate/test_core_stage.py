@@ -217,14 +217,16 @@ def test_teachers_label_the_noise_images_too(fake_root, cache):
     assert info["teachers"]["a1"]["n_images"] == 10 and info["teachers"]["a1"]["n_noise_images"] == 4
 
 
-def _spy_twin_devices(monkeypatch) -> list[tuple[str, object]]:
-    """Record the device every twin load asks for; load on the CPU (the sentinel devices are not real)."""
+def _spy_twin_devices(monkeypatch, *, honour: bool = False) -> list[tuple[str, object]]:
+    """Record (session, device) of every twin load: the device asked for, loading on the CPU
+    (sentinel devices are not real); with ``honour``, the device the twins were loaded on."""
     asked: list[tuple[str, object]] = []
     real = twins.load_twins
 
     def spy(root, session, *, device="cpu", **kw):
-        asked.append((str(session), device))
-        return real(root, session, device="cpu", **kw)
+        ens = real(root, session, device=device if honour else "cpu", **kw)
+        asked.append((str(session), ens._device().type if honour else device))
+        return ens
 
     monkeypatch.setattr(twins, "load_twins", spy)
     return asked
@@ -255,19 +257,11 @@ def test_pipeline_on_cuda_runs_the_twins_on_cuda(fake_root, cache, tmp_path, mon
     from synth.configtools import to_dict
     from synth.pipeline import run_pipeline
 
-    asked: list[str] = []
-    real = twins.load_twins
-
-    def spy(root, session, *, device="cpu", **kw):
-        ens = real(root, session, device=device, **kw)
-        asked.append(ens._device().type)
-        return ens
-
-    monkeypatch.setattr(twins, "load_twins", spy)
+    asked = _spy_twin_devices(monkeypatch, honour=True)
     cfg = from_dict(Config, {**to_dict(_core_stage_config(fake_root)), "device": "cuda"})
     out = run_pipeline(cfg, out=str(tmp_path / "run"))
     rep = json.loads((out / "report.json").read_text())
-    assert asked == ["cuda", "cuda"]  # the teacher (a1) and the recorder (c3)
+    assert asked == [("c3", "cuda"), ("a1", "cuda")]  # the recorder (record stage), then the teacher (core stage)
     assert json.loads((out / "provenance.json").read_text())["device"].startswith("cuda")
     assert np.isfinite(rep["fit"]["reference_median_r_test"])
 
