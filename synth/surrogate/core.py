@@ -97,6 +97,12 @@ class CoreConfig:
             "else fp32 (the precision used is in the core's report)",
         },
     )
+    adversarial_eps: float = field(
+        default=0.0,
+        metadata={"min": 0.0, "help": "adversarial training: each training image moved one L2 step of this length "
+                  "([0, 1] pixels at input_size) up the loss gradient; smoother, less exploitable gradients for "
+                  "synthesis, about 2x the time per epoch (0: off)"},
+    )
     val_fraction: float = field(default=0.1, metadata={"min": 0.01, "max": 0.5, "help": "per-session images for early stopping"})
     max_minutes: float | None = field(default=55.0, metadata={"min": 0.0, "help": "time limit of the whole core stage (data, twin labelling, training): no epoch is started that would end past it; the best epoch is kept"})
     cache_dir: str | None = field(default=None, metadata={"help": "where cores are cached (default $SYNTH_CACHE_DIR or ~/.cache/synth)"})
@@ -232,6 +238,8 @@ def plan_core(cc: CoreConfig, *, root: str | os.PathLike, evaluated: str, graysc
         cfg_d.pop("distill_images", None)  # no teacher labels any image: the count changes nothing
     if not teachers or not cfg_d.get("distill_noise_images"):
         cfg_d.pop("distill_noise_images", None)  # keeps the keys of cores trained before the option existed
+    if not cfg_d.get("adversarial_eps"):
+        cfg_d.pop("adversarial_eps", None)  # likewise
     blob = json.dumps(
         {
             "version": CORE_CACHE_VERSION,
@@ -429,7 +437,8 @@ def ensure_core(plan: CorePlan, *, device: torch.device | str = "cpu") -> tuple[
     # The limit is for the whole stage: what loading and labelling took comes off training.
     max_s = None if cc.max_minutes is None else max(0.0, float(cc.max_minutes) * 60.0 - load_s)
     core, rep = fit_core(
-        datasets, cc.fit_config(), device=device, seed=plan.seed, names=names, max_seconds=max_s, precision=cc.precision
+        datasets, cc.fit_config(), device=device, seed=plan.seed, names=names, max_seconds=max_s, precision=cc.precision,
+        adversarial_eps=cc.adversarial_eps,
     )
     from synth.configtools import to_dict
 
@@ -451,6 +460,7 @@ def ensure_core(plan: CorePlan, *, device: torch.device | str = "cpu") -> tuple[
         "stopped_by_time_limit": rep.get("stopped_by_time_limit", False),
         "schedule_epochs": rep.get("schedule_epochs"),
         "precision": rep.get("precision"),
+        "adversarial_eps": rep.get("adversarial_eps", 0.0),
         "data_seconds": round(load_s, 1),
         "train_seconds": rep["train_seconds"],
         "total_seconds": round(time.perf_counter() - t0, 1),

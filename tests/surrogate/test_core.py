@@ -4,7 +4,7 @@ import torch
 
 from synth.configtools import from_dict
 from synth.errors import ConfigError, DataError
-from synth.surrogate.fit import FitConfig, fit_core, fit_surrogate, predict, save_core
+from synth.surrogate.fit import FitConfig, fit_core, fit_surrogate, l2_adversarial, predict, save_core
 from synth.surrogate.model import Surrogate
 
 from .helpers import TINY_FIT, toy_brain_responses, toy_images
@@ -152,3 +152,37 @@ def test_fit_core_in_bf16_trains_a_float32_core_close_to_the_fp32_one(core, monk
     assert differs  # the passes really ran in bf16
     with pytest.raises(ConfigError, match="fp32 or bf16"):
         fit_core(sessions(), cfg, precision="fp16")
+
+
+def test_l2_adversarial_step_has_length_eps_and_raises_the_loss():
+    """One fast-gradient step: every image moves by eps (L2) where no pixel is clipped,
+    the loss rises, the step follows the gradient, and images stay in [0, 1]."""
+    torch.manual_seed(0)
+    w = torch.randn(3 * 8 * 8, 4)
+    model = lambda z: torch.nn.functional.softplus(z.flatten(1) @ w)  # noqa: E731
+    x = 0.25 + 0.5 * torch.rand(6, 3, 8, 8)  # far from 0 and 1: no clipping at this eps
+    y = torch.rand(6, 4) * 3
+    mse = lambda p, t: ((p - t) ** 2).mean()  # noqa: E731
+    xa = l2_adversarial(model, x, y, mse, 0.1)
+    assert xa.shape == x.shape and not xa.requires_grad
+    assert torch.allclose((xa - x).flatten(1).norm(dim=1), torch.full((6,), 0.1), atol=1e-5)
+    assert mse(model(xa), y) > mse(model(x), y)
+    xg = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(mse(model(xg), y), xg)
+    cos = torch.nn.functional.cosine_similarity((xa - x).flatten(1), g.flatten(1), dim=1)
+    assert (cos > 0.999).all()
+    big = l2_adversarial(model, x, y, mse, 50.0)
+    assert big.min() >= 0.0 and big.max() <= 1.0
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        l2_adversarial(model, x[0], y, mse, 0.1)
+
+
+def test_fit_core_adversarial_training_changes_the_core_and_still_learns(core):
+    """adversarial_eps > 0 trains on perturbed images: another core than the clean one
+    (same seed), which still learns (validation r above its first epoch's); recorded in
+    the report."""
+    cfg = from_dict(FitConfig, {**TINY_FIT, "epochs": 8})
+    adv, rep = fit_core(sessions(), cfg, seed=0, names=["a", "b"], adversarial_eps=0.3)
+    assert rep["adversarial_eps"] == 0.3 and core[1]["adversarial_eps"] == 0.0
+    assert rep["mean_val_median_r"] > np.mean(list(rep["history"][0].values()))
+    assert any(not torch.equal(v, core[0]["state_dict"][k]) for k, v in adv["state_dict"].items() if v.is_floating_point())

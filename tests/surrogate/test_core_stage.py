@@ -182,6 +182,9 @@ def test_cache_key_tracks_config_seed_mode_and_data(fake_root, cache):
     assert plan_core(_cc(distill_noise_images=5), root=fake_root, evaluated="c3", grayscale=False, seed=0).key == base.key
     assert plan_core(_cc(distill_twins="auto", distill_noise_images=0), root=fake_root, evaluated="c3", grayscale=False, seed=0).key == with_t.key
     assert plan_core(_cc(distill_twins="auto", distill_noise_images=5), root=fake_root, evaluated="c3", grayscale=False, seed=0).key != with_t.key
+    # adversarial training: off keeps the keys of cores trained before the option, on is a new core
+    assert plan_core(_cc(adversarial_eps=0.0), root=fake_root, evaluated="c3", grayscale=False, seed=0).key == base.key
+    assert plan_core(_cc(adversarial_eps=0.5), root=fake_root, evaluated="c3", grayscale=False, seed=0).key != base.key
     for other in (
         plan_core(_cc(), root=fake_root, evaluated="c3", grayscale=False, seed=1),
         plan_core(_cc(), root=fake_root, evaluated="c3", grayscale=True, seed=0),
