@@ -326,6 +326,16 @@ def test_damaged_cache_entry_is_retrained(fake_root, cache):
     assert ensure_core(plan)[1]["cache"] == "hit"
 
 
+def test_adversarial_core_is_its_own_cache_entry_and_records_eps(fake_root, cache):
+    clean = ensure_core(plan_core(_cc(), root=fake_root, evaluated="a1", grayscale=False, seed=0))
+    adv_plan = plan_core(_cc(adversarial_eps=0.2), root=fake_root, evaluated="a1", grayscale=False, seed=0)
+    path, info = ensure_core(adv_plan)
+    assert info["cache"] == "miss" and path != clean[0] and path.exists()
+    assert info["adversarial_eps"] == 0.2 and clean[1]["adversarial_eps"] == 0.0
+    assert json.loads(path.with_name("core.json").read_text())["config"]["adversarial_eps"] == 0.2
+    assert ensure_core(adv_plan)[1]["cache"] == "hit"
+
+
 @pytest.mark.parametrize("limit", [10.0, None])
 def test_core_cut_short_by_time_is_retrained_when_the_limit_is_raised(fake_root, cache, limit):
     # a limit of 0: the first epoch runs (there is no duration to plan with yet), no more
