@@ -490,8 +490,8 @@ def core_summary(info: Mapping[str, Any]) -> dict[str, Any]:
     """The part of a core's info that goes into report.json / provenance.json."""
     keys = (
         "cache", "path", "key", "sessions", "excluded_session", "excluded", "distill_twins", "mean_val_median_r",
-        "val_median_r", "epochs_run", "best_epoch", "stopped_by_time_limit", "schedule_epochs", "precision", "train_seconds", "total_seconds",
-        "data",
+        "val_median_r", "epochs_run", "best_epoch", "stopped_by_time_limit", "schedule_epochs", "precision", "adversarial_eps", "train_seconds",
+        "total_seconds", "data",
     )
     return {k: info.get(k) for k in keys if k in info}
 

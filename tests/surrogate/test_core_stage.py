@@ -24,7 +24,7 @@ from synth.data import cowley
 from synth.errors import ConfigError, DataError
 from synth.populations import twins
 from synth.surrogate import core as core_mod
-from synth.surrogate.core import CoreConfig, ensure_core, plan_core
+from synth.surrogate.core import CoreConfig, core_summary, ensure_core, plan_core
 from synth.surrogate.fit import FitConfig
 
 N_IMAGES = 24
@@ -332,6 +332,7 @@ def test_adversarial_core_is_its_own_cache_entry_and_records_eps(fake_root, cach
     path, info = ensure_core(adv_plan)
     assert info["cache"] == "miss" and path != clean[0] and path.exists()
     assert info["adversarial_eps"] == 0.2 and clean[1]["adversarial_eps"] == 0.0
+    assert core_summary(info)["adversarial_eps"] == 0.2  # into report.json
     assert json.loads(path.with_name("core.json").read_text())["config"]["adversarial_eps"] == 0.2
     assert ensure_core(adv_plan)[1]["cache"] == "hit"
 
