@@ -100,8 +100,8 @@ class CoreConfig:
     adversarial_eps: float = field(
         default=0.0,
         metadata={"min": 0.0, "help": "adversarial training: each training image moved one L2 step of this length "
-                  "([0, 1] pixels at input_size) up the loss gradient; smoother, less exploitable gradients for "
-                  "synthesis, about 2x the time per epoch (0: off)"},
+                  "([0, 1] pixels at input_size) up the loss gradient, about 1.6x the time per epoch (0: off; "
+                  "on 201025's member core, 0.15 and 0.5 lowered the stretch figures: README)"},
     )
     val_fraction: float = field(default=0.1, metadata={"min": 0.01, "max": 0.5, "help": "per-session images for early stopping"})
     max_minutes: float | None = field(default=55.0, metadata={"min": 0.0, "help": "time limit of the whole core stage (data, twin labelling, training): no epoch is started that would end past it; the best epoch is kept"})

@@ -273,8 +273,9 @@ def l2_adversarial(
 ) -> torch.Tensor:
     """Images moved one step of L2 length ``eps`` up the gradient of the loss (fast gradient method).
 
-    Training on them (adversarial training) makes a model's input gradients smoother and
-    less exploitable by synthesis.
+    Training on them is adversarial training, reported to make a model's input gradients
+    smoother and the images synthesized on it more transferable (on this project's V4
+    data it did not help; README).
 
     Args:
         model: images -> predictions.
@@ -676,7 +677,7 @@ def fit_core(
             either way (faster convolutions).
         adversarial_eps: > 0: train on images moved by :func:`l2_adversarial` (L2 step
             of this length, [0, 1] pixel units at the core's input size) instead of the
-            clean ones (about twice the time per epoch); 0: clean images.
+            clean ones (about 1.6x the time per epoch); 0: clean images.
 
     Returns:
         (core, report): ``core`` is a plain dict for :func:`save_core` (architecture,
@@ -685,6 +686,8 @@ def fit_core(
     """
     if precision not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"expected auto, fp32 or bf16, got {precision!r}", key="precision")
+    if not adversarial_eps >= 0:
+        raise ConfigError(f"expected a number >= 0, got {adversarial_eps!r}", key="adversarial_eps")
     if cfg.backbone not in ("small_cnn", "pretrained_core"):
         raise ConfigError(f"fit_core trains a small_cnn (or pretrained_core) core, got backbone {cfg.backbone}", key="backbone")
     if not datasets:

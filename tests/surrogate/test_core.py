@@ -186,3 +186,5 @@ def test_fit_core_adversarial_training_changes_the_core_and_still_learns(core):
     assert rep["adversarial_eps"] == 0.3 and core[1]["adversarial_eps"] == 0.0
     assert rep["mean_val_median_r"] > np.mean(list(rep["history"][0].values()))
     assert any(not torch.equal(v, core[0]["state_dict"][k]) for k, v in adv["state_dict"].items() if v.is_floating_point())
+    with pytest.raises(ConfigError, match="adversarial_eps"):
+        fit_core(sessions(), cfg, adversarial_eps=-0.1)
