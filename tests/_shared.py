@@ -42,3 +42,28 @@ requires_cowley = pytest.mark.skipif(
         "users get them with `synth data fetch cowley2023`)"
     ),
 )
+
+
+def random_twin_state(counts: list[int], seed: int):
+    """A compact-model (digital twin) state dict with random weights, float64 like the published ones."""
+    import torch
+
+    from synth.populations import twins
+
+    g = torch.Generator().manual_seed(seed)
+    state = twins.CompactTwin(counts).double().state_dict()
+    out = {}
+    for k, v in state.items():
+        if k.endswith("num_batches_tracked"):
+            out[k] = v
+        elif k.endswith("running_var"):
+            out[k] = torch.rand(v.shape, generator=g, dtype=v.dtype) * 2.0 + 1e-3  # some tiny: eps matters
+        elif k.endswith("_bn.weight"):
+            out[k] = 1.0 + 0.2 * torch.randn(v.shape, generator=g, dtype=v.dtype)
+        elif k.endswith("bias"):
+            out[k] = 0.3 + 0.1 * torch.randn(v.shape, generator=g, dtype=v.dtype)
+        elif k.startswith("layers.layer0_conv"):
+            out[k] = 0.005 * torch.randn(v.shape, generator=g, dtype=v.dtype)
+        else:
+            out[k] = 0.2 * torch.randn(v.shape, generator=g, dtype=v.dtype)
+    return out

@@ -513,6 +513,22 @@ class TwinRecorder:
         out = np.maximum(raw * self.slope + self.intercept, 0.0)
         return torch.as_tensor(out, dtype=torch.float32, device=images.device)
 
+    def site_model(self, site: int) -> nn.Module:
+        """A differentiable model of one calibrated twin: images -> ``slope * twin + intercept``.
+
+        Unclipped (``expected`` clips at 0), so gradients flow everywhere; for synthesis
+        against a twin (e.g. a distillation teacher's own stimuli).
+
+        Args:
+            site: the twin's column (0 .. S-1).
+
+        Returns:
+            module mapping ``(N, C, H, W)`` images in [0, 1] to ``(N, 1)``.
+        """
+        if not 0 <= int(site) < self.ensemble.n_twins:
+            raise IndexError(f"site {site} out of range for {self.ensemble.n_twins} twins")
+        return _CalibratedTwin(self.ensemble.twins[int(site)], float(self.slope[int(site)]), float(self.intercept[int(site)]), self.ensemble.dtype)
+
     def record(
         self, images: torch.Tensor, stimulus_ids: Sequence[str], *, n_repeats: int, seed: int, expected: torch.Tensor | None = None
     ) -> Recording:
@@ -536,6 +552,24 @@ class TwinRecorder:
                 rng = np.random.default_rng(derive_seed(seed, "twins-poisson", sid))
                 resp[:, j, :] = rng.poisson(mean[j][:, None], size=(mean.shape[1], n_repeats))
         return Recording(stimulus_id=np.array(ids), site_id=self.site_ids, responses=resp, areas=self.areas)
+
+
+class _CalibratedTwin(nn.Module):
+    """One twin with its calibration line (see ``TwinRecorder.site_model``)."""
+
+    def __init__(self, twin: _FoldedTwin, slope: float, intercept: float, dtype: torch.dtype):
+        super().__init__()
+        self.twin = twin
+        self.slope = slope
+        self.intercept = intercept
+        self.dtype = dtype
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        dev = self.twin.w0.device
+        x = _pad_input(preprocess(images.to(dev), self.dtype))
+        if dev.type == "cpu" and self.dtype == torch.float32:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return (self.twin(x) * self.slope + self.intercept).float().unsqueeze(1)
 
 
 def _image_hashes(images: torch.Tensor) -> list[bytes]:

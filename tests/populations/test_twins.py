@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _shared import cowley_root, requires_cowley
+from _shared import cowley_root, random_twin_state, requires_cowley
 from synth.data import cowley
 from synth.data.recordings import Recording
 from synth.errors import ConfigError, DataError
@@ -19,24 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _random_state(counts: list[int], seed: int) -> dict[str, torch.Tensor]:
-    """A compact-model state dict with random weights (float64, like the published ones)."""
-    g = torch.Generator().manual_seed(seed)
-    state = twins.CompactTwin(counts).double().state_dict()
-    out = {}
-    for k, v in state.items():
-        if k.endswith("num_batches_tracked"):
-            out[k] = v
-        elif k.endswith("running_var"):
-            out[k] = torch.rand(v.shape, generator=g, dtype=v.dtype) * 2.0 + 1e-3  # some tiny: eps matters
-        elif k.endswith("_bn.weight"):
-            out[k] = 1.0 + 0.2 * torch.randn(v.shape, generator=g, dtype=v.dtype)
-        elif k.endswith("bias"):
-            out[k] = 0.3 + 0.1 * torch.randn(v.shape, generator=g, dtype=v.dtype)
-        elif k.startswith("layers.layer0_conv"):
-            out[k] = 0.005 * torch.randn(v.shape, generator=g, dtype=v.dtype)
-        else:
-            out[k] = 0.2 * torch.randn(v.shape, generator=g, dtype=v.dtype)
-    return out
+    return random_twin_state(counts, seed)
 
 
 def _toy_ensemble(dtype=torch.float64) -> tuple[twins.TwinEnsemble, list[dict]]:
@@ -152,6 +135,20 @@ def test_calibration_recovers_linear_map():
     assert 0.3 < noisy.info["median_r"] < 0.95
     neg = twins.TwinRecorder(ensemble=recd.ensemble, slope=-recd.slope, intercept=-recd.intercept)
     assert float(neg.expected(x).min()) == 0.0  # clipped at zero
+
+
+def test_site_model_is_one_calibrated_twin_and_differentiable():
+    recd, x, y = _calibrated()
+    for site in (0, 1):
+        m = recd.site_model(site)
+        out = m(x)
+        assert out.shape == (30, 1)
+        np.testing.assert_allclose(out[:, 0].detach().numpy(), y[:, site], rtol=1e-4, atol=1e-3)  # unclipped line
+    xg = x[:2].clone().requires_grad_(True)
+    recd.site_model(1)(xg).sum().backward()
+    assert xg.grad is not None and float(xg.grad.abs().sum()) > 0
+    with pytest.raises(IndexError, match="site 2 out of range for 2 twins"):
+        recd.site_model(2)
 
 
 def test_poisson_record_is_seeded_and_per_stimulus():
