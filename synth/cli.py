@@ -77,6 +77,14 @@ def _parser() -> argparse.ArgumentParser:
     bs.add_argument("--steps", type=int, default=256, help="lucent's steps per target")
     bs.add_argument("--seed", type=int, default=0)
 
+    bc = bsub.add_parser("ceiling", parents=[common], help="stretch synthesized on the twins themselves: the recipe's ceiling",
+                         description="Synthesize each site's stretch images on its own digital twin with the config's synthesis "
+                         "recipe and score them on that twin (no trial noise): what a perfect surrogate would reach. "
+                         "Needs a target with twins (cowley2023 sessions 201025, 190923).")
+    bc.add_argument("config", help="experiment YAML (its target, synthesis, stimuli.seeds_per_target, seed, device)")
+    bc.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a value")
+    bc.add_argument("--sites", type=int, default=None, metavar="N", help="only the first N sites (a quick check)")
+
     d = sub.add_parser("data", parents=[common], help="data sets: download")
     dsub = d.add_subparsers(dest="data_command", metavar="ACTION")
     dsub.required = True
@@ -175,13 +183,41 @@ def _cmd_validate(a: argparse.Namespace) -> int:
 
 
 def _cmd_bench(a: argparse.Namespace) -> int:
-    from synth.synthesis.bench import bench_synthesis
-
     def write(line: str) -> None:
         sys.stdout.write(line + "\n")
         sys.stdout.flush()
 
+    if a.bench == "ceiling":
+        return _bench_ceiling(a, write)
+    from synth.synthesis.bench import bench_synthesis
+
     bench_synthesis(device=a.device, image_size=a.image_size, n_sites=a.n_sites, steps=a.steps, seed=a.seed, write=write)
+    return 0
+
+
+def _bench_ceiling(a: argparse.Namespace, write) -> int:
+    from synth.config import load_config
+    from synth.pipeline import load_target
+    from synth.populations.oracle import twin_ceiling
+    from synth.populations.twins import TwinRecorder
+    from synth.runtime import derive_seed, resolve_device
+
+    if a.sites is not None and a.sites < 1:
+        raise UserError(f"--sites: expected a positive number, got {a.sites}")
+    cfg = load_config(a.config, a.overrides)
+    target = _in_config(lambda: load_target(cfg, os.path.dirname(os.path.abspath(a.config))), a.config)
+    make = getattr(target, "recorder", None)
+    device = resolve_device(cfg.device)
+    recorder = make(device=device) if callable(make) else None
+    if not isinstance(recorder, TwinRecorder):
+        raise UserError(f"{a.config}: target '{target.name}' has no digital twins to synthesize on (bench ceiling needs e.g. a cowley2023 session with twins)")
+    nat = target.natural(image_size=cfg.data.image_size, grayscale=cfg.data.grayscale, seed=derive_seed(cfg.seed, "natural"))
+    sites = None if a.sites is None else list(range(min(a.sites, len(recorder.site_ids))))
+    write(f"{target.name}: {len(recorder.site_ids)} twins, {nat.images.shape[0]} natural images, device {device}, "
+          f"{cfg.synthesis.steps} steps, {cfg.stimuli.seeds_per_target} images per site")
+    out = twin_ceiling(recorder, nat.images, cfg.synthesis, seeds_per_target=cfg.stimuli.seeds_per_target,
+                       seed=derive_seed(cfg.seed, "ceiling"), sites=sites, device=device, write=write)
+    write(f"ceiling_stretch_fraction: {out['fraction_above_natural_max']:.3f}")
     return 0
 
 

@@ -152,13 +152,21 @@ def test_debug_shows_the_traceback(tmp_path):
         main(["run", str(cfg), "--debug"])
 
 
-@pytest.mark.parametrize("argv", [[], ["run"], ["check"], ["validate"], ["bench", "synthesis"], ["data", "fetch"]])
+@pytest.mark.parametrize("argv", [[], ["run"], ["check"], ["validate"], ["bench", "synthesis"], ["bench", "ceiling"], ["data", "fetch"]])
 def test_help_for_every_command(capsys, argv):
     with pytest.raises(SystemExit) as e:
         main(argv + ["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: synth") and len(out.splitlines()) > 3
+
+
+def test_bench_ceiling_needs_a_target_with_twins(tmp_path, capsys):
+    cfg = write_cfg(tmp_path / "tiny.yaml")
+    code, out, err = run_cli(["bench", "ceiling", cfg], capsys)
+    assert_one_line_error(code, err, "tiny.yaml", "has no digital twins")
+    code, out, err = run_cli(["bench", "ceiling", cfg, "--sites", "0"], capsys)
+    assert_one_line_error(code, err, "--sites", "positive")
 
 
 # --------------------------------------------------------------------------- lab data problems

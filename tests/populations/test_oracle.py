@@ -1,0 +1,87 @@
+"""Synthesis against the twins themselves: the recipe's ceiling and teacher stimuli."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from _shared import cowley_root, random_twin_state, requires_cowley
+from synth.configtools import from_dict
+from synth.data.recordings import Recording
+from synth.populations import oracle, twins
+from synth.synthesis.config import SynthesisConfig
+
+CFG = {"param": {"name": "fourier", "decay_power": 2.0}, "priors": [{"name": "tv", "weight": 0.5}],
+       "constraints": {"luminance": "natural", "contrast": None}, "steps": 24, "batch_size": 4}
+
+
+def _recorder() -> tuple[twins.TwinRecorder, torch.Tensor]:
+    ens = twins.TwinEnsemble([random_twin_state([4, 6, 3, 5, 3], 0), random_twin_state([5, 3, 4, 3, 2], 1)], ["s0", "s1"])
+    g = torch.Generator().manual_seed(2)
+    x = F.interpolate(torch.rand(40, 3, 14, 14, generator=g), size=(112, 112), mode="bilinear", align_corners=False).clamp(0, 1)
+    with torch.no_grad():
+        raw = ens(x).double().numpy()
+    y = raw * np.array([2.0, 3.0])
+    y = y - y.min(axis=0) + 1.0  # positive natural responses (natural max > 0)
+    rec = Recording(stimulus_id=[f"n{i}" for i in range(40)], site_id=["s0", "s1"], responses=y.T)
+    return twins.TwinRecorder.calibrate(ens, x, rec, noise="none", cache=False), x
+
+
+def test_stretch_on_twin_drives_its_twin_and_is_seeded():
+    rec, x = _recorder()
+    cfg = from_dict(SynthesisConfig, CFG)
+    y = rec.expected(x)
+    a = oracle.stretch_on_twin(rec, 1, [3, 4, 5], cfg, natural=x, natural_y=y)
+    assert a.shape == (3, 3, 112, 112) and float(a.min()) >= 0 and float(a.max()) <= 1
+    assert torch.equal(a, oracle.stretch_on_twin(rec, 1, [3, 4, 5], cfg, natural=x, natural_y=y))
+    # an image depends on its own seed, not on the others in its batch (up to float rounding
+    # of another batch size), and different seeds give different images
+    alone = oracle.stretch_on_twin(rec, 1, [4], cfg, natural=x, natural_y=y)
+    assert float((a[1:2] - alone).abs().mean()) < 0.002 and float((a[0] - a[1]).abs().mean()) > 0.02
+    # the twin's response rises far above its natural mean (in natural standard deviations)
+    z = (rec.expected(a)[:, 1] - y[:, 1].mean()) / y[:, 1].std()
+    assert float(z.min()) > 2.0
+    assert abs(float(a.mean()) - float(x.mean())) < 0.02  # luminance constraint of the recipe
+    assert oracle.stretch_on_twin(rec, 0, [], cfg, natural=x, natural_y=y).shape == (0, 3, 112, 112)
+    with pytest.raises(ValueError, match="natural_y must have shape"):
+        oracle.stretch_on_twin(rec, 0, [1], cfg, natural=x, natural_y=y[:5])
+
+
+def test_twin_ceiling_counts_sites_above_their_natural_max():
+    rec, x = _recorder()
+    lines: list[str] = []
+    out = oracle.twin_ceiling(rec, x, from_dict(SynthesisConfig, CFG), seeds_per_target=2, seed=1, write=lines.append)
+    nat_max = rec.expected(x).max(dim=0).values.numpy()
+    assert out["n_sites"] == 2 and out["site_id"] == ["s0", "s1"]
+    np.testing.assert_allclose(out["natural_max"], nat_max, rtol=1e-6)
+    best, nm = np.array(out["best"]), np.array(out["natural_max"])
+    assert out["fraction_above_natural_max"] == float(np.mean(best > nm))
+    assert out["median_gain"] == pytest.approx(float(np.median(best / nm - 1)))
+    assert out["fraction_above_natural_max"] == 1.0  # 24 steps on the true model beat 40 random images
+    assert len(lines) == 1 and "2 of 2 sites above their natural max" in lines[0]
+    # fewer steps, lower best responses: the figure measures the recipe
+    weak = oracle.twin_ceiling(rec, x, from_dict(SynthesisConfig, {**CFG, "steps": 2}), seeds_per_target=2, seed=1, write=lines.append)
+    assert np.all(np.array(weak["best"]) < best)
+    only = oracle.twin_ceiling(rec, x, from_dict(SynthesisConfig, CFG), seeds_per_target=2, seed=1, sites=[1], write=lines.append)
+    assert only["site_id"] == ["s1"] and only["best"] == [out["best"][1]]
+    with pytest.raises(ValueError, match="seeds_per_target"):
+        oracle.twin_ceiling(rec, x, from_dict(SynthesisConfig, CFG), seeds_per_target=0)
+
+
+@requires_cowley
+def test_bench_ceiling_on_real_twins(capsys):
+    from synth.cli import main
+
+    cfg = Path(__file__).resolve().parents[2] / "configs" / "cowley2023_closed_loop.yaml"
+    code = main(["bench", "ceiling", str(cfg), "--set", f"target.root={cowley_root()}", "--set", "target.session=190923",
+                 "--set", "synthesis.steps=16", "--set", "stimuli.seeds_per_target=1", "--sites", "2", "-q"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert code == 0
+    assert out[0].startswith("cowley2023") and "33 twins" in out[0] and "16 steps" in out[0]
+    assert "of 2 sites above their natural max" in out[1]
+    frac = float(out[-1].split("ceiling_stretch_fraction:")[1])
+    assert frac in (0.0, 0.5, 1.0)  # two sites
