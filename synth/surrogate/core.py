@@ -10,7 +10,8 @@ calls :func:`ensure_core`, which
    distillation (never the evaluated session's own twins: those are its follow-up
    recorder), and a cache key = SHA-256 of the data files' checksums, the core config
    (less its time limit, less ``distill_images`` when there is no teacher, and less
-   ``distill_noise_images`` when there is none or it is 0), the image mode and the seed;
+   ``distill_noise_images``, ``distill_synth_*`` and ``adversarial_eps`` when there is
+   none or they are 0), the image mode and the seed;
 2. loads ``<cache>/cores/<key>/core.pt`` when it exists (a second run reuses it; a core
    cut short by its time limit is retrained when this run's limit is higher), else
    trains the core and writes it there atomically, with ``core.json`` (sessions, twins,
@@ -19,7 +20,9 @@ calls :func:`ensure_core`, which
 Distillation (optional): each teacher session's twins, calibrated to their own neurons
 on their own session's natural images, label ``distill_images`` images drawn (seeded)
 from the core sessions, plus ``distill_noise_images`` seeded 1/f-noise images like the
-synthesized stimuli (:func:`noise_images`); those labels enter ``fit_core`` as one extra
+synthesized stimuli (:func:`noise_images`), plus ``distill_synth_images`` stretch images
+synthesized on the teachers' own twins (:func:`teacher_stimuli`: what past sessions'
+recorded synthetic stimuli give a lab); those labels enter ``fit_core`` as one extra
 "session" per teacher (``twins:<session>``). Twins are other neurons than the evaluated ones, used
 like any pretrained model.
 
@@ -75,6 +78,13 @@ class CoreConfig:
         metadata={"min": 0, "help": "seeded 1/f-noise images (half of them blended with natural ones), like synthesized "
                   "stimuli, that each teacher labels too: responses off the natural-image manifold (0: none)"},
     )
+    distill_synth_images: int = field(
+        default=0,
+        metadata={"min": 0, "help": "images synthesized by gradient ascent on the teachers' own twins (stretch of one twin "
+                  "each, the closed-loop recipe: TEACHER_SYNTHESIS), then labelled by every teacher: responses to stimuli "
+                  "like those the loop makes, as past sessions' recorded synthetic images would give (0: none)"},
+    )
+    distill_synth_steps: int = field(default=64, metadata={"min": 1, "max": 10000, "help": "gradient steps per teacher-synthesized image"})
     backbone_kwargs: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "small_cnn arguments (channels, n_layers, first_kernel, ...)"}
     )
@@ -238,6 +248,9 @@ def plan_core(cc: CoreConfig, *, root: str | os.PathLike, evaluated: str, graysc
         cfg_d.pop("distill_images", None)  # no teacher labels any image: the count changes nothing
     if not teachers or not cfg_d.get("distill_noise_images"):
         cfg_d.pop("distill_noise_images", None)  # keeps the keys of cores trained before the option existed
+    if not teachers or not cfg_d.get("distill_synth_images"):
+        cfg_d.pop("distill_synth_images", None)  # likewise
+        cfg_d.pop("distill_synth_steps", None)
     if not cfg_d.get("adversarial_eps"):
         cfg_d.pop("adversarial_eps", None)  # likewise
     blob = json.dumps(
@@ -322,22 +335,41 @@ def training_sets(plan: CorePlan, *, device: torch.device | str = "cpu") -> tupl
         x_sel = pool[torch.as_tensor(idx)]
         if cc.distill_noise_images:
             x_sel = torch.cat([x_sel, noise_images(int(cc.distill_noise_images), pool, derive_seed(plan.seed, "core-distill-noise"))])
+        recs = {t: _teacher(plan.root, t, device) for t in plan.teachers}
+        n_synth: dict[str, int] = {}
+        synth_seconds: dict[str, float] = {}
+        if cc.distill_synth_images:
+            parts = []
+            for j, t in enumerate(plan.teachers):  # the images are shared among the teachers
+                k = int(cc.distill_synth_images) // len(plan.teachers) + (j < int(cc.distill_synth_images) % len(plan.teachers))
+                t0 = time.perf_counter()
+                parts.append(teacher_stimuli(recs[t], pool, k, seed=derive_seed(plan.seed, "core-distill-synth", t), steps=int(cc.distill_synth_steps), device=device))
+                n_synth[t], synth_seconds[t] = k, round(time.perf_counter() - t0, 1)
+                log.info("core data: %d images synthesized on the twins of %s (%.0f s)", k, t, synth_seconds[t])
+        x_syn = torch.cat(parts) if cc.distill_synth_images else x_sel[:0]
         for t in plan.teachers:
-            rec_t = _teacher(plan.root, t, device)
+            rec_t = recs[t]
             t0 = time.perf_counter()
+            # labelled apart, so the natural (and noise) images' labels come from the twins'
+            # cache of an earlier core whatever the synthesized images are
             y_t = rec_t.expected(x_sel).float()
-            datasets.append((_resize(_to_mode(x_sel, plan.grayscale), size), y_t))
+            if x_syn.shape[0]:
+                y_t = torch.cat([y_t, rec_t.expected(x_syn).float()])
+            datasets.append((_resize(_to_mode(torch.cat([x_sel, x_syn]), plan.grayscale), size), y_t))
             names.append(f"twins:{t}")
             teacher_info[t] = {
                 "n_twins": int(y_t.shape[1]),
                 "n_images": int(n),
                 "n_noise_images": int(cc.distill_noise_images),
+                "n_synth_images": int(sum(n_synth.values())),
+                "synthesized_on_own_twins": int(n_synth.get(t, 0)),
+                "synth_seconds": synth_seconds.get(t, 0.0),
                 "image_sessions": sorted({o.split(":")[0] for o in origin[idx]}),
                 "calibration_median_r": rec_t.info.get("median_r"),
                 "label_seconds": round(time.perf_counter() - t0, 1),
             }
-            log.info("core data: twins of %s labelled %d images (%d noise images among them; %.0f s)",
-                     t, x_sel.shape[0], int(cc.distill_noise_images), time.perf_counter() - t0)
+            log.info("core data: twins of %s labelled %d images (%d noise and %d synthesized images among them; %.0f s)",
+                     t, y_t.shape[0], int(cc.distill_noise_images), x_syn.shape[0], time.perf_counter() - t0)
     return datasets, names, {"sessions": counts, "teachers": teacher_info}
 
 
@@ -373,6 +405,59 @@ def noise_images(n: int, natural: torch.Tensor, seed: int, decay_power: float = 
     a = torch.empty(n - half, 1, 1, 1).uniform_(0.3, 0.7, generator=g)
     x[half:] = (1 - a) * natural[pick] + a * x[half:]
     return x
+
+
+#: The synthesis recipe of the teachers' own stimuli (that of configs/cowley2023_closed_loop.yaml).
+TEACHER_SYNTHESIS: dict[str, Any] = {
+    "param": {"name": "fourier", "decay_power": 2.5},
+    "transforms": [{"name": "jitter", "pixels": 6}, {"name": "scale", "min": 0.9, "max": 1.1}, {"name": "rotate", "degrees": 10}],
+    "priors": [{"name": "tv", "weight": 5.0}],
+    "constraints": {"luminance": "natural", "contrast": None},
+    "precision": "auto",
+}
+
+
+def teacher_stimuli(recorder, natural: torch.Tensor, n: int, *, seed: int, steps: int = 64, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Stretch images synthesized on a teacher's own twins, for the teachers to label.
+
+    Image ``i`` maximizes twin ``perm[i % T]`` alone (a seeded permutation of the ``T``
+    twins, so every twin gets ``n // T`` or one more images) with ``TEACHER_SYNTHESIS`` and
+    ``steps`` steps (:func:`synth.populations.oracle.stretch_on_twin`, one batch per twin).
+
+    Args:
+        recorder: the teacher's calibrated ``TwinRecorder``.
+        natural: ``(N, 3, H, W)`` natural images in [0, 1] (z-scoring on up to 2000 of
+            them, mean luminance, size).
+        n: number of images.
+        seed: drives the permutation, the z-scoring images and every image's seed.
+        steps: gradient steps per image.
+        device: where to synthesize.
+
+    Returns:
+        ``(n, 3, H, W)`` images in [0, 1] (8-bit levels), on the CPU.
+    """
+    from synth.configtools import from_dict
+    from synth.populations.oracle import stretch_on_twin
+    from synth.progress import progress
+    from synth.synthesis.config import SynthesisConfig
+
+    _, c, h, w = natural.shape
+    if n <= 0:
+        return natural.new_empty((0, c, h, w))
+    t_count = int(recorder.ensemble.n_twins)
+    rng = np.random.default_rng(int(seed))
+    perm = rng.permutation(t_count)
+    sites = np.array([int(perm[i % t_count]) for i in range(n)])
+    nat = natural[torch.as_tensor(np.sort(rng.choice(natural.shape[0], size=min(2000, natural.shape[0]), replace=False)))]
+    nat_y = recorder.expected(nat)
+    cfg = from_dict(SynthesisConfig, {**TEACHER_SYNTHESIS, "steps": int(steps)}, key="TEACHER_SYNTHESIS")
+    out = natural.new_empty((n, c, h, w))
+    groups = sorted(set(sites.tolist()))
+    for site in progress(groups, desc="teacher stimuli", total=len(groups)):
+        rows = np.flatnonzero(sites == site)
+        seeds = [derive_seed(seed, "image", int(i)) for i in rows]
+        out[torch.as_tensor(rows)] = stretch_on_twin(recorder, site, seeds, cfg, natural=nat, natural_y=nat_y, device=device)
+    return out
 
 
 def _teacher(root: str, session: str, device: torch.device | str = "cpu"):

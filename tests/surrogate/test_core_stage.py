@@ -182,6 +182,10 @@ def test_cache_key_tracks_config_seed_mode_and_data(fake_root, cache):
     assert plan_core(_cc(distill_noise_images=5), root=fake_root, evaluated="c3", grayscale=False, seed=0).key == base.key
     assert plan_core(_cc(distill_twins="auto", distill_noise_images=0), root=fake_root, evaluated="c3", grayscale=False, seed=0).key == with_t.key
     assert plan_core(_cc(distill_twins="auto", distill_noise_images=5), root=fake_root, evaluated="c3", grayscale=False, seed=0).key != with_t.key
+    assert plan_core(_cc(distill_synth_images=5), root=fake_root, evaluated="c3", grayscale=False, seed=0).key == base.key
+    assert plan_core(_cc(distill_twins="auto", distill_synth_images=0, distill_synth_steps=9), root=fake_root, evaluated="c3", grayscale=False, seed=0).key == with_t.key
+    synth = plan_core(_cc(distill_twins="auto", distill_synth_images=5), root=fake_root, evaluated="c3", grayscale=False, seed=0)
+    assert synth.key not in (with_t.key, plan_core(_cc(distill_twins="auto", distill_synth_images=5, distill_synth_steps=9), root=fake_root, evaluated="c3", grayscale=False, seed=0).key)
     # adversarial training: off keeps the keys of cores trained before the option, on is a new core
     assert plan_core(_cc(adversarial_eps=0.0), root=fake_root, evaluated="c3", grayscale=False, seed=0).key == base.key
     assert plan_core(_cc(adversarial_eps=0.5), root=fake_root, evaluated="c3", grayscale=False, seed=0).key != base.key
@@ -218,6 +222,34 @@ def test_teachers_label_the_noise_images_too(fake_root, cache):
     x_t, y_t = datasets[names.index("twins:a1")]
     assert x_t.shape[0] == y_t.shape[0] == 10 + 4 and torch.isfinite(y_t).all()
     assert info["teachers"]["a1"]["n_images"] == 10 and info["teachers"]["a1"]["n_noise_images"] == 4
+
+
+def test_teacher_stimuli_drive_their_own_twin_and_are_seeded(fake_root, cache):
+    rec = core_mod._teacher(fake_root, "a1")
+    _, natural, _ = cowley.load_session(fake_root, "a1", image_size=cowley.NATIVE_SIZE, grayscale=False)
+    n_twins = rec.ensemble.n_twins
+    a = core_mod.teacher_stimuli(rec, natural, 2 * n_twins, seed=4, steps=12)
+    assert a.shape == (2 * n_twins, *natural.shape[1:]) and float(a.min()) >= 0 and float(a.max()) <= 1
+    assert torch.equal(a, core_mod.teacher_stimuli(rec, natural, 2 * n_twins, seed=4, steps=12))
+    assert not torch.equal(a, core_mod.teacher_stimuli(rec, natural, 2 * n_twins, seed=5, steps=12))
+    assert core_mod.teacher_stimuli(rec, natural, 0, seed=4).shape[0] == 0
+    # every twin is the target of two images, and each image drives its own target twin
+    # above that twin's mean natural response (z-scored stretch works on the true model)
+    perm = np.random.default_rng(4).permutation(n_twins)
+    y_syn, y_nat = rec.expected(a), rec.expected(natural)
+    targets = [int(perm[i % n_twins]) for i in range(a.shape[0])]
+    assert sorted(targets) == sorted(list(range(n_twins)) * 2)
+    z = [(float(y_syn[i, t]) - float(y_nat[:, t].mean())) / float(y_nat[:, t].std()) for i, t in enumerate(targets)]
+    assert np.median(z) > 1.0
+
+
+def test_teachers_label_their_synthesized_images(fake_root, cache):
+    plan = plan_core(_cc(distill_twins="auto", distill_synth_images=3, distill_synth_steps=4), root=fake_root, evaluated="c3", grayscale=False, seed=0)
+    datasets, names, info = core_mod.training_sets(plan)
+    x_t, y_t = datasets[names.index("twins:a1")]
+    assert x_t.shape[0] == y_t.shape[0] == 10 + 3 and torch.isfinite(y_t).all()
+    t = info["teachers"]["a1"]
+    assert t["n_images"] == 10 and t["n_synth_images"] == 3 and t["synthesized_on_own_twins"] == 3 and t["synth_seconds"] >= 0
 
 
 def _spy_twin_devices(monkeypatch, *, honour: bool = False) -> list[tuple[str, object]]:
