@@ -44,8 +44,11 @@ requires_cowley = pytest.mark.skipif(
 )
 
 
-def random_twin_state(counts: list[int], seed: int):
-    """A compact-model (digital twin) state dict with random weights, float64 like the published ones."""
+def random_twin_state(counts: list[int], seed: int, *, unit_bn: bool = False):
+    """A compact-model (digital twin) state dict with random weights, float64 like the published ones.
+
+    ``unit_bn``: BatchNorm running statistics 0 (mean) and 1 (variance) instead of random.
+    """
     import torch
 
     from synth.populations import twins
@@ -56,6 +59,10 @@ def random_twin_state(counts: list[int], seed: int):
     for k, v in state.items():
         if k.endswith("num_batches_tracked"):
             out[k] = v
+        elif unit_bn and k.endswith("running_var"):
+            out[k] = torch.ones_like(v)
+        elif unit_bn and k.endswith("running_mean"):
+            out[k] = torch.zeros_like(v)
         elif k.endswith("running_var"):
             out[k] = torch.rand(v.shape, generator=g, dtype=v.dtype) * 2.0 + 1e-3  # some tiny: eps matters
         elif k.endswith("_bn.weight"):

@@ -82,7 +82,8 @@ class CoreConfig:
         default=0,
         metadata={"min": 0, "help": "images synthesized by gradient ascent on the teachers' own twins (stretch of one twin "
                   "each, the closed-loop recipe: TEACHER_SYNTHESIS), then labelled by every teacher: responses to stimuli "
-                  "like those the loop makes, as past sessions' recorded synthetic images would give (0: none)"},
+                  "like those the loop makes, as past sessions' recorded synthetic images would give (0: none; "
+                  "1000 on 201025 gave no gain: README)"},
     )
     distill_synth_steps: int = field(default=64, metadata={"min": 1, "max": 10000, "help": "gradient steps per teacher-synthesized image"})
     backbone_kwargs: dict[str, Any] = field(
@@ -347,6 +348,7 @@ def training_sets(plan: CorePlan, *, device: torch.device | str = "cpu") -> tupl
                 n_synth[t], synth_seconds[t] = k, round(time.perf_counter() - t0, 1)
                 log.info("core data: %d images synthesized on the twins of %s (%.0f s)", k, t, synth_seconds[t])
         x_syn = torch.cat(parts) if cc.distill_synth_images else x_sel[:0]
+        x_core = _resize(_to_mode(torch.cat([x_sel, x_syn]), plan.grayscale), size)  # one copy for every teacher
         for t in plan.teachers:
             rec_t = recs[t]
             t0 = time.perf_counter()
@@ -355,7 +357,7 @@ def training_sets(plan: CorePlan, *, device: torch.device | str = "cpu") -> tupl
             y_t = rec_t.expected(x_sel).float()
             if x_syn.shape[0]:
                 y_t = torch.cat([y_t, rec_t.expected(x_syn).float()])
-            datasets.append((_resize(_to_mode(torch.cat([x_sel, x_syn]), plan.grayscale), size), y_t))
+            datasets.append((x_core, y_t))
             names.append(f"twins:{t}")
             teacher_info[t] = {
                 "n_twins": int(y_t.shape[1]),

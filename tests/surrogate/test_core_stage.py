@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from _shared import cowley_root, requires_cowley
+from _shared import cowley_root, random_twin_state, requires_cowley
 from synth.configtools import from_dict
 from synth.data import cowley
 from synth.errors import ConfigError, DataError
@@ -48,25 +48,7 @@ def _jpeg(rng: np.random.Generator) -> bytes:
 
 
 def _twin_state(seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    state = twins.CompactTwin([2, 2, 2, 2, 2]).double().state_dict()
-    out = {}
-    for k, v in state.items():
-        if k.endswith("num_batches_tracked"):
-            out[k] = v
-        elif k.endswith("running_var"):
-            out[k] = torch.ones_like(v)
-        elif k.endswith("running_mean"):
-            out[k] = torch.zeros_like(v)
-        elif k.endswith("_bn.weight"):
-            out[k] = 1.0 + 0.2 * torch.randn(v.shape, generator=g, dtype=v.dtype)
-        elif k.endswith("bias"):
-            out[k] = 0.3 + 0.1 * torch.randn(v.shape, generator=g, dtype=v.dtype)
-        elif k.startswith("layers.layer0_conv"):
-            out[k] = 0.005 * torch.randn(v.shape, generator=g, dtype=v.dtype)
-        else:
-            out[k] = 0.2 * torch.randn(v.shape, generator=g, dtype=v.dtype)
-    return out
+    return random_twin_state([2, 2, 2, 2, 2], seed, unit_bn=True)
 
 
 @pytest.fixture(scope="module")
