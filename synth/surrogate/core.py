@@ -252,6 +252,8 @@ def plan_core(cc: CoreConfig, *, root: str | os.PathLike, evaluated: str, graysc
     if not teachers or not cfg_d.get("distill_synth_images"):
         cfg_d.pop("distill_synth_images", None)  # likewise
         cfg_d.pop("distill_synth_steps", None)
+    else:
+        cfg_d["teacher_synthesis"] = TEACHER_SYNTHESIS  # the recipe of those images is part of what is trained
     if not cfg_d.get("adversarial_eps"):
         cfg_d.pop("adversarial_eps", None)  # likewise
     blob = json.dumps(
@@ -449,7 +451,7 @@ def teacher_stimuli(recorder, natural: torch.Tensor, n: int, *, seed: int, steps
     t_count = int(recorder.ensemble.n_twins)
     rng = np.random.default_rng(int(seed))
     perm = rng.permutation(t_count)
-    sites = np.array([int(perm[i % t_count]) for i in range(n)])
+    sites = perm[np.arange(n) % t_count]
     nat = natural[torch.as_tensor(np.sort(rng.choice(natural.shape[0], size=min(2000, natural.shape[0]), replace=False)))]
     nat_y = recorder.expected(nat)
     cfg = from_dict(SynthesisConfig, {**TEACHER_SYNTHESIS, "steps": int(steps)}, key="TEACHER_SYNTHESIS")

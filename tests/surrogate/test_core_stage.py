@@ -168,6 +168,12 @@ def test_cache_key_tracks_config_seed_mode_and_data(fake_root, cache):
     assert plan_core(_cc(distill_twins="auto", distill_synth_images=0, distill_synth_steps=9), root=fake_root, evaluated="c3", grayscale=False, seed=0).key == with_t.key
     synth = plan_core(_cc(distill_twins="auto", distill_synth_images=5), root=fake_root, evaluated="c3", grayscale=False, seed=0)
     assert synth.key not in (with_t.key, plan_core(_cc(distill_twins="auto", distill_synth_images=5, distill_synth_steps=9), root=fake_root, evaluated="c3", grayscale=False, seed=0).key)
+    # the teachers' synthesis recipe is part of the key of cores that use it, and only of those
+    recipe = {**core_mod.TEACHER_SYNTHESIS, "priors": [{"name": "tv", "weight": 1.0}]}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(core_mod, "TEACHER_SYNTHESIS", recipe)
+        assert plan_core(_cc(distill_twins="auto", distill_synth_images=5), root=fake_root, evaluated="c3", grayscale=False, seed=0).key != synth.key
+        assert plan_core(_cc(distill_twins="auto"), root=fake_root, evaluated="c3", grayscale=False, seed=0).key == with_t.key
     # adversarial training: off keeps the keys of cores trained before the option, on is a new core
     assert plan_core(_cc(adversarial_eps=0.0), root=fake_root, evaluated="c3", grayscale=False, seed=0).key == base.key
     assert plan_core(_cc(adversarial_eps=0.5), root=fake_root, evaluated="c3", grayscale=False, seed=0).key != base.key
