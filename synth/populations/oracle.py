@@ -4,15 +4,17 @@ Two uses, both only where a population is made of differentiable twins:
 
 - the **ceiling** of a synthesis recipe (``synth bench ceiling``): stretch images
   synthesized on each twin of the evaluated session directly, scored by the same twin
-  (noise-free). It says how far the recipe (parameterization, priors, transforms,
+  (noise-free); or one-hot images synthesized on all the session's twins together,
+  scored by them. It says how far the recipe (parameterization, priors, transforms,
   display constraints, steps) could go with a perfect surrogate, which separates what
   the recipe loses from what the surrogate loses. A diagnostic only: the evaluated
   session's twins never synthesize its stimuli.
 - **teacher stimuli** (``fit.core.distill_synth_images``): images synthesized on *other*
   sessions' twins that those twins then label for the core (``synth.surrogate.core``).
 
-Each image maximizes one twin alone, so it costs one twin's forward and backward pass
-per step (about 10 ms per image and step on 2 CPU cores at 112 px, in batches of 30).
+A stretch image maximizes one twin alone, so it costs one twin's forward and backward
+pass per step (about 10 ms per image and step on 2 CPU cores at 112 px, in batches of 30);
+a one-hot image needs every twin of the session at every step (S times that).
 """
 
 from __future__ import annotations
@@ -73,67 +75,157 @@ def stretch_on_twin(
     return res.images_float().to(natural.dtype).cpu()
 
 
+def one_hot_on_twins(
+    recorder,
+    sites: Sequence[int],
+    seeds: Sequence[int],
+    cfg,
+    *,
+    natural: torch.Tensor,
+    natural_y: torch.Tensor,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """One-hot images synthesized on all the recorder's twins (one image per site and seed).
+
+    The objective is the config's ``one_hot`` objective over the calibrated twins, with
+    z-scoring statistics from ``natural_y``, as in a run against a surrogate.
+
+    Args:
+        recorder: a calibrated ``TwinRecorder`` (its ``population_model()`` is the model).
+        sites: target column of each image.
+        seeds: seed of each image (same length as ``sites``).
+        cfg: a :class:`~synth.synthesis.config.SynthesisConfig`.
+        natural: ``(N, C, H, W)`` natural images in [0, 1].
+        natural_y: ``(N, S)`` the recorder's expected responses to them.
+        device: where to synthesize.
+
+    Returns:
+        ``(len(sites), C, H, W)`` images in [0, 1] at 8-bit levels, on the CPU.
+    """
+    from synth.synthesis import Job, ObjectiveContext, synthesize
+
+    _, c, h, w = natural.shape
+    if h != w:
+        raise ValueError(f"one_hot_on_twins expects square natural images, got {h} x {w}")
+    if len(sites) != len(seeds):
+        raise ValueError(f"{len(sites)} sites but {len(seeds)} seeds")
+    if natural_y.ndim != 2 or natural_y.shape != (natural.shape[0], len(recorder.site_ids)):
+        raise ValueError(f"natural_y must have shape ({natural.shape[0]}, {len(recorder.site_ids)}), got {tuple(natural_y.shape)}")
+    if not len(sites):
+        return natural.new_empty((0, c, h, w))
+    ctx = ObjectiveContext.from_predictions([str(s) for s in recorder.site_ids], natural_y.float().cpu(), natural_images=natural)
+    jobs = [Job(stimulus_id=f"one_hot{t}-{i}", objective="one_hot", target_site=int(t), seed=int(s)) for i, (t, s) in enumerate(zip(sites, seeds))]
+    res = synthesize(recorder.population_model(), jobs, cfg, context=ctx, image_size=h, channels=c, device=device)
+    return res.images_float().to(natural.dtype).cpu()
+
+
+OBJECTIVES = ("stretch", "one_hot")
+
+
 def twin_ceiling(
     recorder,
     natural: torch.Tensor,
     cfg,
     *,
+    objective: str = "stretch",
     seeds_per_target: int = 3,
     seed: int = 0,
     sites: Sequence[int] | None = None,
     device: torch.device | str = "cpu",
     write: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Stretch on each twin with the recipe ``cfg``, scored by that twin without noise.
+    """Synthesis on the twins themselves with the recipe ``cfg``, scored by them without noise.
 
-    The figures are those of report.json's ``noise_free.stretch`` for a perfect surrogate:
-    per twin the best of ``seeds_per_target`` images against the twin's largest expected
-    response to the natural images.
+    The figures are those of report.json's ``noise_free`` block for a perfect surrogate,
+    each site's best of ``seeds_per_target`` images counting:
+
+    - ``stretch``: each twin's images synthesized on that twin alone, against the twin's
+      largest expected response to the natural images;
+    - ``one_hot``: images synthesized on all twins together (the one-hot objective for the
+      target), scored as ``synth validate`` scores one-hot images (softmax over all sites
+      of the natural-set z-scores; the ratio to the best natural image's score).
 
     Args:
         recorder: the session's calibrated ``TwinRecorder``.
         natural: ``(N, C, H, W)`` the session's natural images in [0, 1] at the display size.
         cfg: the experiment's ``synthesis`` section.
-        seeds_per_target: images per twin; the best one counts.
+        objective: ``"stretch"`` or ``"one_hot"``.
+        seeds_per_target: images per site; the best one counts.
         seed: drives every image's seed.
-        sites: twin columns to test (default all).
+        sites: target columns (default all); one-hot scores are always over all sites.
         device: where to synthesize and score.
         write: called with one line per progress report and the result.
 
     Returns:
-        ``fraction_above_natural_max``, ``median_gain`` (best / natural max - 1), ``n_sites``,
-        ``seconds`` and per-site ``best`` / ``natural_max``.
+        ``n_sites``, ``seconds``, ``site_id``, and for stretch ``fraction_above_natural_max``,
+        ``median_gain`` (best / natural max - 1), per-site ``best`` / ``natural_max``; for
+        one-hot ``median_score_ratio``, ``fraction_beating_best_natural``, per-site
+        ``score`` / ``natural_best_score`` / ``ratio``.
     """
     from synth.progress import progress
 
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     if seeds_per_target < 1:
         raise ValueError(f"seeds_per_target must be >= 1, got {seeds_per_target}")
     write = write or (lambda line: log.info("%s", line))
     natural_y = recorder.expected(natural).float().cpu()
-    nat_max = natural_y.max(dim=0).values.numpy().astype(np.float64)
     sites = list(range(natural_y.shape[1])) if sites is None else [int(s) for s in sites]
     t0 = time.perf_counter()
-    best = np.empty(len(sites))
-    for k, site in enumerate(progress(sites, desc="ceiling", total=len(sites))):
-        seeds = [derive_seed(seed, "ceiling", site, j) for j in range(seeds_per_target)]
-        images = stretch_on_twin(recorder, site, seeds, cfg, natural=natural, natural_y=natural_y, device=device)
-        best[k] = float(recorder.expected(images)[:, site].max())
-    nm = nat_max[sites]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        gain = np.where(nm > 0, best / nm - 1.0, np.nan)
-    out = {
-        "fraction_above_natural_max": float(np.mean(best > nm)),
-        "median_gain": float(np.nanmedian(gain)) if np.isfinite(gain).any() else float("nan"),
-        "n_sites": len(sites),
-        "seeds_per_target": int(seeds_per_target),
-        "seconds": round(time.perf_counter() - t0, 1),
-        "site_id": [str(recorder.site_ids[s]) for s in sites],
-        "best": best.tolist(),
-        "natural_max": nm.tolist(),
-    }
-    write(
-        f"ceiling (stretch synthesized on each twin itself, best of {seeds_per_target}, no trial noise): "
-        f"{int(np.sum(best > nm))} of {len(sites)} sites above their natural max, median gain {out['median_gain']:+.3f}, "
-        f"{out['seconds']:.0f} s"
-    )
+    if objective == "one_hot":
+        out = _one_hot_ceiling(recorder, natural, natural_y, cfg, sites, seeds_per_target, seed, device)
+    else:
+        nat_max = natural_y.max(dim=0).values.numpy().astype(np.float64)
+        best = np.empty(len(sites))
+        for k, site in enumerate(progress(sites, desc="ceiling", total=len(sites))):
+            seeds = [derive_seed(seed, "ceiling", site, j) for j in range(seeds_per_target)]
+            images = stretch_on_twin(recorder, site, seeds, cfg, natural=natural, natural_y=natural_y, device=device)
+            best[k] = float(recorder.expected(images)[:, site].max())
+        nm = nat_max[sites]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            gain = np.where(nm > 0, best / nm - 1.0, np.nan)
+        out = {
+            "fraction_above_natural_max": float(np.mean(best > nm)),
+            "median_gain": float(np.nanmedian(gain)) if np.isfinite(gain).any() else float("nan"),
+            "best": best.tolist(),
+            "natural_max": nm.tolist(),
+        }
+    out.update(objective=objective, n_sites=len(sites), seeds_per_target=int(seeds_per_target),
+               seconds=round(time.perf_counter() - t0, 1), site_id=[str(recorder.site_ids[s]) for s in sites])
+    if objective == "one_hot":
+        n_beat = int(np.sum(np.asarray(out["ratio"]) > 1))
+        write(f"ceiling (one-hot synthesized on all {natural_y.shape[1]} twins, best of {seeds_per_target}, no trial noise): "
+              f"median score ratio {out['median_score_ratio']:.3f}, {n_beat} of {len(sites)} sites beat their best natural image, "
+              f"{out['seconds']:.0f} s")
+    else:
+        write(f"ceiling (stretch synthesized on each twin itself, best of {seeds_per_target}, no trial noise): "
+              f"{int(np.sum(np.asarray(out['best']) > np.asarray(out['natural_max'])))} of {len(sites)} sites above their natural max, "
+              f"median gain {out['median_gain']:+.3f}, {out['seconds']:.0f} s")
     return out
+
+
+def _one_hot_ceiling(recorder, natural, natural_y, cfg, sites, seeds_per_target, seed, device) -> dict[str, Any]:
+    """One-hot images for ``sites`` on all twins (in chunks of ``cfg.batch_size`` sites' images), scored."""
+    from synth.progress import progress
+    from synth.validation.control import one_hot_scores
+
+    per = max(1, (cfg.batch_size or len(sites) * seeds_per_target) // seeds_per_target)  # sites per call
+    chunks = [sites[i : i + per] for i in range(0, len(sites), per)]
+    images = []
+    for chunk in progress(chunks, desc="ceiling", total=len(chunks)):
+        targets = [t for t in chunk for _ in range(seeds_per_target)]
+        seeds = [derive_seed(seed, "ceiling-one-hot", t, j) for t in chunk for j in range(seeds_per_target)]
+        images.append(one_hot_on_twins(recorder, targets, seeds, cfg, natural=natural, natural_y=natural_y, device=device))
+    syn = recorder.expected(torch.cat(images)).double().numpy()  # (len(sites) * k, S)
+    soft_nat, soft_syn = one_hot_scores(natural_y.double().numpy().T, syn.T)
+    rows = np.asarray(sites)
+    score = soft_syn[rows[:, None], np.arange(len(sites) * seeds_per_target).reshape(len(sites), seeds_per_target)].max(axis=1)
+    nat_best = soft_nat[rows].max(axis=1)
+    ratio = score / nat_best
+    return {
+        "median_score_ratio": float(np.median(ratio)),
+        "fraction_beating_best_natural": float(np.mean(ratio > 1)),
+        "score": score.tolist(),
+        "natural_best_score": nat_best.tolist(),
+        "ratio": ratio.tolist(),
+    }

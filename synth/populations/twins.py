@@ -527,7 +527,26 @@ class TwinRecorder:
         """
         if not 0 <= int(site) < self.ensemble.n_twins:
             raise IndexError(f"site {site} out of range for {self.ensemble.n_twins} twins")
-        return _CalibratedTwin(self.ensemble.twins[int(site)], float(self.slope[int(site)]), float(self.intercept[int(site)]), self.ensemble.dtype)
+        return self.population_model([int(site)])
+
+    def population_model(self, sites: Sequence[int] | None = None) -> nn.Module:
+        """A differentiable model of calibrated twins together (unclipped, as ``site_model``).
+
+        For objectives over the whole population (one-hot images synthesized on the twins
+        themselves: ``synth bench ceiling --objective one_hot``). Each image costs one
+        forward and backward pass of every twin.
+
+        Args:
+            sites: twin columns, in output order (default: all).
+
+        Returns:
+            module mapping ``(N, C, H, W)`` images in [0, 1] to ``(N, len(sites))``.
+        """
+        sites = list(range(self.ensemble.n_twins)) if sites is None else [int(s) for s in sites]
+        bad = [s for s in sites if not 0 <= s < self.ensemble.n_twins]
+        if bad or not sites:
+            raise IndexError(f"sites {bad or sites} out of range for {self.ensemble.n_twins} twins")
+        return _CalibratedTwins([self.ensemble.twins[s] for s in sites], self.slope[sites], self.intercept[sites], self.ensemble.dtype)
 
     def record(
         self, images: torch.Tensor, stimulus_ids: Sequence[str], *, n_repeats: int, seed: int, expected: torch.Tensor | None = None
@@ -554,22 +573,31 @@ class TwinRecorder:
         return Recording(stimulus_id=np.array(ids), site_id=self.site_ids, responses=resp, areas=self.areas)
 
 
-class _CalibratedTwin(nn.Module):
-    """One twin with its calibration line (see ``TwinRecorder.site_model``)."""
+class _CalibratedTwins(nn.Module):
+    """Twins with their calibration lines (see ``TwinRecorder.population_model``)."""
 
-    def __init__(self, twin: _FoldedTwin, slope: float, intercept: float, dtype: torch.dtype):
+    def __init__(self, twins: Sequence[_FoldedTwin], slope: np.ndarray, intercept: np.ndarray, dtype: torch.dtype):
         super().__init__()
-        self.twin = twin
-        self.slope = slope
-        self.intercept = intercept
+        self.twins = nn.ModuleList(twins)
+        dev = twins[0].w0.device
+        self.register_buffer("slope", torch.as_tensor(np.asarray(slope, dtype=np.float64), dtype=dtype, device=dev))
+        self.register_buffer("intercept", torch.as_tensor(np.asarray(intercept, dtype=np.float64), dtype=dtype, device=dev))
         self.dtype = dtype
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        dev = self.twin.w0.device
+        dev = self.twins[0].w0.device  # the twins are the recorder's: they move with it
         x = _pad_input(preprocess(images.to(dev), self.dtype))
         if dev.type == "cpu" and self.dtype == torch.float32:
             x = x.contiguous(memory_format=torch.channels_last)
-        return (self.twin(x) * self.slope + self.intercept).float().unsqueeze(1)
+        if len(self.twins) > 1 and torch.is_grad_enabled():
+            # one twin's activations at a time (recomputed in the backward pass): the
+            # layer-0 maps of every twin would take ~8 MB per image and twin
+            from torch.utils.checkpoint import checkpoint
+
+            raw = torch.stack([checkpoint(twin, x, use_reentrant=False) for twin in self.twins], dim=1)
+        else:
+            raw = torch.stack([twin(x) for twin in self.twins], dim=1)
+        return (raw * self.slope.to(dev) + self.intercept.to(dev)).float()
 
 
 def _image_hashes(images: torch.Tensor) -> list[bytes]:

@@ -168,8 +168,17 @@ def _natural_stats(nat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mu, sd
 
 
-def _one_hot_scores(nat: np.ndarray, syn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Softmax over sites of the natural-set z-scores, for natural and synthesized images."""
+def one_hot_scores(nat: np.ndarray, syn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One-hot scores (module docstring) of natural and synthesized images.
+
+    Args:
+        nat: ``(S, Nn)`` responses to the natural images (z-scoring statistics).
+        syn: ``(S, Ns)`` responses to the synthesized images.
+
+    Returns:
+        softmax over sites of the z-scores, ``(S, Nn)`` and ``(S, Ns)``: entry ``[t, i]``
+        is image i's score for target t.
+    """
     mu, sd = _natural_stats(nat)
     soft_nat = _softmax_sites(_zscore(nat, mu, sd))
     soft_syn = _softmax_sites(_zscore(syn, mu, sd)) if syn.shape[1] else syn
@@ -201,8 +210,8 @@ def _stats(
     out.update(stretch_response=resp, stretch_best=best, stretch_natural_max=nmax, stretch_gain=gain, stretch_above=above,
                stretch_natural_arg=s_arg)
     # one-hot
-    soft_nat, soft_syn = _one_hot_scores(nat, syn)
-    sel_soft_nat, sel_soft_syn = (soft_nat, soft_syn) if select is None else _one_hot_scores(sel_nat, sel_syn)
+    soft_nat, soft_syn = one_hot_scores(nat, syn)
+    sel_soft_nat, sel_soft_syn = (soft_nat, soft_syn) if select is None else one_hot_scores(sel_nat, sel_syn)
     _, nat_best_arg = _nanmax_arg(sel_soft_nat, axis=1)
     _, sbest = _group_max(sel_soft_syn, sel_syn, one_hot)  # a missing target response gives no score
     score = _take(soft_syn, one_hot.rows, sbest)

@@ -72,6 +72,51 @@ def test_twin_ceiling_counts_sites_above_their_natural_max():
         oracle.twin_ceiling(rec, x, from_dict(SynthesisConfig, CFG), seeds_per_target=0)
 
 
+def test_one_hot_on_twins_raises_the_targets_score_and_is_seeded():
+    from synth.validation.control import one_hot_scores
+
+    rec, x = _recorder()
+    cfg = from_dict(SynthesisConfig, CFG)
+    y = rec.expected(x)
+    a = oracle.one_hot_on_twins(rec, [0, 1, 1], [3, 4, 5], cfg, natural=x, natural_y=y)
+    assert a.shape == (3, 3, 112, 112)
+    assert torch.equal(a, oracle.one_hot_on_twins(rec, [0, 1, 1], [3, 4, 5], cfg, natural=x, natural_y=y))
+    soft_nat, soft_syn = one_hot_scores(y.double().numpy().T, rec.expected(a).double().numpy().T)
+    # each image's one-hot score for its target beats the natural images' median score
+    for i, t in enumerate([0, 1, 1]):
+        assert soft_syn[t, i] > np.median(soft_nat[t])
+    assert oracle.one_hot_on_twins(rec, [], [], cfg, natural=x, natural_y=y).shape == (0, 3, 112, 112)
+    with pytest.raises(ValueError, match="2 sites but 1 seeds"):
+        oracle.one_hot_on_twins(rec, [0, 1], [1], cfg, natural=x, natural_y=y)
+    with pytest.raises(ValueError, match="natural_y must have shape"):
+        oracle.one_hot_on_twins(rec, [0], [1], cfg, natural=x, natural_y=y[:, :1])
+
+
+def test_twin_ceiling_one_hot_scores_as_validate_does():
+    from synth.validation.control import one_hot_scores
+
+    rec, x = _recorder()
+    lines: list[str] = []
+    out = oracle.twin_ceiling(rec, x, from_dict(SynthesisConfig, CFG), objective="one_hot", seeds_per_target=2, seed=1, write=lines.append)
+    assert out["objective"] == "one_hot" and out["n_sites"] == 2 and out["site_id"] == ["s0", "s1"]
+    soft_nat, _ = one_hot_scores(rec.expected(x).double().numpy().T, np.zeros((2, 0)))
+    np.testing.assert_allclose(out["natural_best_score"], soft_nat.max(axis=1), rtol=1e-6)
+    ratio = np.array(out["score"]) / np.array(out["natural_best_score"])
+    np.testing.assert_allclose(out["ratio"], ratio)
+    assert out["median_score_ratio"] == pytest.approx(float(np.median(ratio)))
+    assert out["fraction_beating_best_natural"] == float(np.mean(ratio > 1))
+    assert len(lines) == 1 and "median score ratio" in lines[0] and "of 2 sites beat their best natural image" in lines[0]
+    # the images are the one-hot images of those seeds (sites chunked by batch_size)
+    seeds = [oracle.derive_seed(1, "ceiling-one-hot", 1, j) for j in range(2)]
+    imgs = oracle.one_hot_on_twins(rec, [1, 1], seeds, from_dict(SynthesisConfig, CFG), natural=x, natural_y=rec.expected(x))
+    _, soft = one_hot_scores(rec.expected(x).double().numpy().T, rec.expected(imgs).double().numpy().T)
+    assert out["score"][1] == pytest.approx(float(soft[1].max()), rel=1e-3)
+    weak = oracle.twin_ceiling(rec, x, from_dict(SynthesisConfig, {**CFG, "steps": 2}), objective="one_hot", seeds_per_target=2, seed=1)
+    assert np.all(np.array(weak["score"]) < np.array(out["score"]))  # fewer steps, lower scores
+    with pytest.raises(ValueError, match="objective must be one of stretch, one_hot"):
+        oracle.twin_ceiling(rec, x, from_dict(SynthesisConfig, CFG), objective="suppress")
+
+
 @requires_cowley
 def test_bench_ceiling_on_real_twins(capsys):
     from synth.cli import main
@@ -85,3 +130,9 @@ def test_bench_ceiling_on_real_twins(capsys):
     assert "of 2 sites above their natural max" in out[1]
     frac = float(out[-1].split("ceiling_stretch_fraction:")[1])
     assert frac in (0.0, 0.5, 1.0)  # two sites
+    code = main(["bench", "ceiling", str(cfg), "--set", f"target.root={cowley_root()}", "--set", "target.session=190923",
+                 "--set", "synthesis.steps=4", "--set", "synthesis.batch_size=1", "--set", "stimuli.seeds_per_target=1",
+                 "--sites", "1", "--objective", "one_hot", "-q"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert code == 0 and "one-hot synthesized on all 33 twins" in out[1]
+    assert float(out[-1].split("ceiling_one_hot_ratio:")[1]) > 0

@@ -151,6 +151,30 @@ def test_site_model_is_one_calibrated_twin_and_differentiable():
         recd.site_model(2)
 
 
+def test_population_model_is_every_calibrated_twin_with_gradients():
+    recd, x, y = _calibrated()
+    pop = recd.population_model()
+    with torch.no_grad():
+        out = pop(x)
+    assert out.shape == (30, 2)
+    np.testing.assert_allclose(out.numpy(), y, rtol=1e-4, atol=1e-3)  # unclipped lines, column order
+    np.testing.assert_array_equal(recd.population_model([1, 0])(x).detach().numpy(), out.numpy()[:, ::-1])
+    # with gradients each twin is recomputed in the backward pass (checkpointed): same
+    # values, and the input gradient is the sum of the single twins' gradients
+    xg = x[:3].clone().requires_grad_(True)
+    got = pop(xg)
+    np.testing.assert_allclose(got.detach().numpy(), out[:3].numpy(), rtol=1e-6)
+    (got * torch.tensor([2.0, -1.0])).sum().backward()
+    grads = []
+    for site in (0, 1):
+        xs = x[:3].clone().requires_grad_(True)
+        recd.site_model(site)(xs).sum().backward()
+        grads.append(xs.grad)
+    np.testing.assert_allclose(xg.grad.numpy(), (2 * grads[0] - grads[1]).numpy(), rtol=1e-4, atol=1e-6)
+    with pytest.raises(IndexError, match=r"sites \[2\] out of range for 2 twins"):
+        recd.population_model([0, 2])
+
+
 def test_poisson_record_is_seeded_and_per_stimulus():
     recd, x, _ = _calibrated()
     ids = [f"img{i}" for i in range(30)]
