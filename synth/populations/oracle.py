@@ -58,20 +58,26 @@ def stretch_on_twin(
     """
     import dataclasses
 
-    from synth.synthesis import Job, ObjectiveContext, synthesize
+    from synth.synthesis import Job
+
+    if natural_y.ndim != 2 or natural_y.shape[0] != natural.shape[0]:
+        raise ValueError(f"natural_y must have shape ({natural.shape[0]}, S), got {tuple(natural_y.shape)}")
+    jobs = [Job(stimulus_id=f"twin{site}-{i}", objective="stretch", target_site=0, seed=int(s)) for i, s in enumerate(seeds)]
+    return _synthesize_on(recorder.site_model(site), [str(recorder.site_ids[site])], natural_y[:, site : site + 1], jobs,
+                          dataclasses.replace(cfg, batch_size=max(1, len(seeds))), natural, device)
+
+
+def _synthesize_on(model, site_ids, natural_y: torch.Tensor, jobs, cfg, natural: torch.Tensor, device) -> torch.Tensor:
+    """``jobs`` synthesized on ``model`` (twins), z-scored by ``natural_y``; images in [0, 1] on the CPU."""
+    from synth.synthesis import ObjectiveContext, synthesize
 
     _, c, h, w = natural.shape
     if h != w:
-        raise ValueError(f"stretch_on_twin expects square natural images, got {h} x {w}")
-    if natural_y.ndim != 2 or natural_y.shape[0] != natural.shape[0]:
-        raise ValueError(f"natural_y must have shape ({natural.shape[0]}, S), got {tuple(natural_y.shape)}")
-    if not seeds:
+        raise ValueError(f"synthesis on twins expects square natural images, got {h} x {w}")
+    if not jobs:
         return natural.new_empty((0, c, h, w))
-    cfg = dataclasses.replace(cfg, batch_size=len(seeds))
-    y = natural_y[:, site : site + 1].float().cpu()
-    ctx = ObjectiveContext.from_predictions([str(recorder.site_ids[site])], y, natural_images=natural)
-    jobs = [Job(stimulus_id=f"twin{site}-{i}", objective="stretch", target_site=0, seed=int(s)) for i, s in enumerate(seeds)]
-    res = synthesize(recorder.site_model(site), jobs, cfg, context=ctx, image_size=h, channels=c, device=device)
+    ctx = ObjectiveContext.from_predictions(site_ids, natural_y.float().cpu(), natural_images=natural)
+    res = synthesize(model, jobs, cfg, context=ctx, image_size=h, channels=c, device=device)
     return res.images_float().to(natural.dtype).cpu()
 
 
@@ -102,21 +108,14 @@ def one_hot_on_twins(
     Returns:
         ``(len(sites), C, H, W)`` images in [0, 1] at 8-bit levels, on the CPU.
     """
-    from synth.synthesis import Job, ObjectiveContext, synthesize
+    from synth.synthesis import Job
 
-    _, c, h, w = natural.shape
-    if h != w:
-        raise ValueError(f"one_hot_on_twins expects square natural images, got {h} x {w}")
     if len(sites) != len(seeds):
         raise ValueError(f"{len(sites)} sites but {len(seeds)} seeds")
     if natural_y.ndim != 2 or natural_y.shape != (natural.shape[0], len(recorder.site_ids)):
         raise ValueError(f"natural_y must have shape ({natural.shape[0]}, {len(recorder.site_ids)}), got {tuple(natural_y.shape)}")
-    if not len(sites):
-        return natural.new_empty((0, c, h, w))
-    ctx = ObjectiveContext.from_predictions([str(s) for s in recorder.site_ids], natural_y.float().cpu(), natural_images=natural)
     jobs = [Job(stimulus_id=f"one_hot{t}-{i}", objective="one_hot", target_site=int(t), seed=int(s)) for i, (t, s) in enumerate(zip(sites, seeds))]
-    res = synthesize(recorder.population_model(), jobs, cfg, context=ctx, image_size=h, channels=c, device=device)
-    return res.images_float().to(natural.dtype).cpu()
+    return _synthesize_on(recorder.population_model(), [str(s) for s in recorder.site_ids], natural_y, jobs, cfg, natural, device)
 
 
 OBJECTIVES = ("stretch", "one_hot")
