@@ -161,8 +161,6 @@ def twin_ceiling(
         one-hot ``median_score_ratio``, ``fraction_beating_best_natural``, per-site
         ``score`` / ``natural_best_score`` / ``ratio``.
     """
-    from synth.progress import progress
-
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     if seeds_per_target < 1:
@@ -171,39 +169,38 @@ def twin_ceiling(
     natural_y = recorder.expected(natural).float().cpu()
     sites = list(range(natural_y.shape[1])) if sites is None else [int(s) for s in sites]
     t0 = time.perf_counter()
-    if objective == "one_hot":
-        out = _one_hot_ceiling(recorder, natural, natural_y, cfg, sites, seeds_per_target, seed, device)
-    else:
-        nat_max = natural_y.max(dim=0).values.numpy().astype(np.float64)
-        best = np.empty(len(sites))
-        for k, site in enumerate(progress(sites, desc="ceiling", total=len(sites))):
-            seeds = [derive_seed(seed, "ceiling", site, j) for j in range(seeds_per_target)]
-            images = stretch_on_twin(recorder, site, seeds, cfg, natural=natural, natural_y=natural_y, device=device)
-            best[k] = float(recorder.expected(images)[:, site].max())
-        nm = nat_max[sites]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            gain = np.where(nm > 0, best / nm - 1.0, np.nan)
-        out = {
-            "fraction_above_natural_max": float(np.mean(best > nm)),
-            "median_gain": float(np.nanmedian(gain)) if np.isfinite(gain).any() else float("nan"),
-            "best": best.tolist(),
-            "natural_max": nm.tolist(),
-        }
+    run = _one_hot_ceiling if objective == "one_hot" else _stretch_ceiling
+    out, summary = run(recorder, natural, natural_y, cfg, sites, seeds_per_target, seed, device)
     out.update(objective=objective, n_sites=len(sites), seeds_per_target=int(seeds_per_target),
                seconds=round(time.perf_counter() - t0, 1), site_id=[str(recorder.site_ids[s]) for s in sites])
-    if objective == "one_hot":
-        n_beat = int(np.sum(np.asarray(out["ratio"]) > 1))
-        write(f"ceiling (one-hot synthesized on all {natural_y.shape[1]} twins, best of {seeds_per_target}, no trial noise): "
-              f"median score ratio {out['median_score_ratio']:.3f}, {n_beat} of {len(sites)} sites beat their best natural image, "
-              f"{out['seconds']:.0f} s")
-    else:
-        write(f"ceiling (stretch synthesized on each twin itself, best of {seeds_per_target}, no trial noise): "
-              f"{int(np.sum(np.asarray(out['best']) > np.asarray(out['natural_max'])))} of {len(sites)} sites above their natural max, "
-              f"median gain {out['median_gain']:+.3f}, {out['seconds']:.0f} s")
+    on = f"one-hot synthesized on all {natural_y.shape[1]} twins" if objective == "one_hot" else "stretch synthesized on each twin itself"
+    write(f"ceiling ({on}, best of {seeds_per_target}, no trial noise): {summary}, {out['seconds']:.0f} s")
     return out
 
 
-def _one_hot_ceiling(recorder, natural, natural_y, cfg, sites, seeds_per_target, seed, device) -> dict[str, Any]:
+def _stretch_ceiling(recorder, natural, natural_y, cfg, sites, seeds_per_target, seed, device) -> tuple[dict[str, Any], str]:
+    """Stretch images for ``sites``, each on its own twin, scored against the twin's natural maximum."""
+    from synth.progress import progress
+
+    nat_max = natural_y.max(dim=0).values.numpy().astype(np.float64)
+    best = np.empty(len(sites))
+    for k, site in enumerate(progress(sites, desc="ceiling", total=len(sites))):
+        seeds = [derive_seed(seed, "ceiling", site, j) for j in range(seeds_per_target)]
+        images = stretch_on_twin(recorder, site, seeds, cfg, natural=natural, natural_y=natural_y, device=device)
+        best[k] = float(recorder.expected(images)[:, site].max())
+    nm = nat_max[sites]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        gain = np.where(nm > 0, best / nm - 1.0, np.nan)
+    out = {
+        "fraction_above_natural_max": float(np.mean(best > nm)),
+        "median_gain": float(np.nanmedian(gain)) if np.isfinite(gain).any() else float("nan"),
+        "best": best.tolist(),
+        "natural_max": nm.tolist(),
+    }
+    return out, f"{int(np.sum(best > nm))} of {len(sites)} sites above their natural max, median gain {out['median_gain']:+.3f}"
+
+
+def _one_hot_ceiling(recorder, natural, natural_y, cfg, sites, seeds_per_target, seed, device) -> tuple[dict[str, Any], str]:
     """One-hot images for ``sites`` on all twins (in chunks of ``cfg.batch_size`` sites' images), scored."""
     from synth.progress import progress
     from synth.validation.control import one_hot_scores
@@ -221,10 +218,11 @@ def _one_hot_ceiling(recorder, natural, natural_y, cfg, sites, seeds_per_target,
     score = soft_syn[rows[:, None], np.arange(len(sites) * seeds_per_target).reshape(len(sites), seeds_per_target)].max(axis=1)
     nat_best = soft_nat[rows].max(axis=1)
     ratio = score / nat_best
-    return {
+    out = {
         "median_score_ratio": float(np.median(ratio)),
         "fraction_beating_best_natural": float(np.mean(ratio > 1)),
         "score": score.tolist(),
         "natural_best_score": nat_best.tolist(),
         "ratio": ratio.tolist(),
     }
+    return out, f"median score ratio {out['median_score_ratio']:.3f}, {int(np.sum(ratio > 1))} of {len(sites)} sites beat their best natural image"
