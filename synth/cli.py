@@ -87,6 +87,16 @@ def _parser() -> argparse.ArgumentParser:
     bc.add_argument("--sites", type=int, default=None, metavar="N", help="only the first N sites (a quick check)")
     bc.add_argument("--objective", choices=("stretch", "one_hot"), default="stretch", help="which images (default stretch)")
 
+    bg = bsub.add_parser("gradients", parents=[common], help="do the surrogate's input gradients point where the simulated sites' do?",
+                         description="For a finished run whose target simulates its sites with differentiable models (digital "
+                         "twins, the virtual population): per site, the cosine between each surrogate's input gradient and the "
+                         "site's own, at held-out natural images, in pixel space and in the synthesis parameterization's space "
+                         "(what synthesis follows). Sites whose gradients agree are the ones synthesis can drive.")
+    bg.add_argument("run_dir", help="a finished run folder (config.resolved.yaml and its surrogate checkpoints)")
+    bg.add_argument("--images", type=int, default=32, metavar="N", help="held-out test images to take gradients at (default 32)")
+    bg.add_argument("--sites", type=int, default=None, metavar="N", help="only the first N sites (a quick check)")
+    bg.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override the run's device")
+
     d = sub.add_parser("data", parents=[common], help="data sets: download")
     dsub = d.add_subparsers(dest="data_command", metavar="ACTION")
     dsub.required = True
@@ -191,6 +201,8 @@ def _cmd_bench(a: argparse.Namespace) -> int:
 
     if a.bench == "ceiling":
         return _bench_ceiling(a, write)
+    if a.bench == "gradients":
+        return _bench_gradients(a, write)
     from synth.synthesis.bench import bench_synthesis
 
     bench_synthesis(device=a.device, image_size=a.image_size, n_sites=a.n_sites, steps=a.steps, seed=a.seed, write=write)
@@ -223,6 +235,64 @@ def _bench_ceiling(a: argparse.Namespace, write) -> int:
         write(f"ceiling_one_hot_ratio: {out['median_score_ratio']:.3f}")
     else:
         write(f"ceiling_stretch_fraction: {out['fraction_above_natural_max']:.3f}")
+    return 0
+
+
+def _bench_gradients(a: argparse.Namespace, write) -> int:
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    from synth.config import load_config
+    from synth.pipeline import RESOLVED, load_natural, load_target, synthesizing_surrogates
+    from synth.populations.alignment import gradient_alignment
+    from synth.runtime import resolve_device
+    from synth.surrogate.model import Surrogate
+    from synth.synthesis.params import PARAMS
+
+    if a.images < 1:
+        raise UserError(f"--images: expected a positive number, got {a.images}")
+    if a.sites is not None and a.sites < 1:
+        raise UserError(f"--sites: expected a positive number, got {a.sites}")
+    run = Path(a.run_dir)
+    resolved = run / RESOLVED
+    if not resolved.is_file():
+        raise UserError(f"{a.run_dir}: no {RESOLVED} in it; not a finished synth run folder")
+    cfg = load_config(resolved)
+    device = resolve_device(a.device or cfg.device)
+    files = [run / f for f in synthesizing_surrogates(cfg)]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise UserError(f"{a.run_dir}: surrogate checkpoint {missing[0]} missing (the run's config names {len(files)})")
+    target = _in_config(lambda: load_target(cfg, str(run)), str(resolved))
+    make = getattr(target, "recorder", None)
+    recorder = make(device=device) if callable(make) else None
+    if not callable(getattr(recorder, "site_model", None)):
+        raise UserError(f"{resolved}: target '{target.name}' has no differentiable model of its sites "
+                        "(bench gradients needs digital twins or the virtual population)")
+    nat, splits = load_natural(cfg, target)
+    test = splits.test[: a.images]
+    models = {f.name: Surrogate.load(f, device=device) for f in files}
+    n_sites = len(target.site_ids)
+    sites = list(range(n_sites if a.sites is None else min(a.sites, n_sites)))
+    param = PARAMS.build(cfg.synthesis.param, key="synthesis.param", channels=1 if cfg.data.grayscale else 3, size=cfg.data.image_size)
+    pname = cfg.synthesis.param if isinstance(cfg.synthesis.param, str) else cfg.synthesis.param.get("name")
+    write(f"{target.name}: {len(sites)} of {n_sites} sites, {test.size} held-out test images, device {device}, parameterization {pname}")
+    out = gradient_alignment(models, recorder.site_model, nat.images[test], sites=sites, param=param, device=device)
+    for name in out.param:
+        write(f"{name}: median over sites of the median cosine: pixel {out.median(name, 'pixel'):.3f}, parameter {out.median(name):.3f}")
+    used = "ensemble" if len(models) > 1 else next(iter(models))  # what synthesized
+    report = run / "report.json"
+    if report.is_file():  # split the sites by the run's recorded stretch outcome
+        per = (json.loads(report.read_text()).get("stretch") or {}).get("per_target") or []
+        above = {str(t["target_site"]): bool(t["above_natural_max"]) for t in per if "above_natural_max" in t}
+        for label, want in (("driven above their natural max", True), ("not driven above it", False)):
+            sel = np.array([above.get(str(target.site_ids[s])) is want for s in sites])
+            if sel.any():
+                write(f"stretch outcome in report.json: {int(sel.sum())} sites {label}: {used} parameter alignment "
+                      f"{float(np.median(out.param[used][sel])):.3f}")
+    write(f"gradient_alignment: {out.median(used):.3f}")
     return 0
 
 

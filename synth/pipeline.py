@@ -169,9 +169,7 @@ def run_pipeline(cfg: Config, *, config_path: str | None = None, out: str | None
     # ---- record: everything that can fail on bad input happens before the run folder exists
     with timer("record"):
         target = load_target(cfg, config_dir)
-        nat = target.natural(image_size=cfg.data.image_size, grayscale=cfg.data.grayscale, seed=derive_seed(cfg.seed, "natural"))
-        check_natural(nat, cfg, _target_source(cfg))
-        splits = make_splits(nat.images.shape[0], _split_fractions(cfg), cfg.seed)
+        nat, splits = load_natural(cfg, target)
         fits = list(cfg.fit.members())  # the surrogate's recipe, then any ensemble members'
         core_plans = [plan_core_stage(cfg, target, fit) for fit in fits]
         recorder = target.recorder(device=device)
@@ -268,6 +266,27 @@ def _core_stage(fits: list, plans: list, device: torch.device, timer: Timer) -> 
             out.append(dataclasses.replace(fit, weights=str(path), core=None))
             reports.append(core_summary(info))
     return out, reports
+
+
+def load_natural(cfg: Config, target: Target) -> tuple[NaturalData, Splits]:
+    """The target's natural images and responses (checked) and their train/val/test split,
+    exactly as ``synth run`` makes them from ``cfg``."""
+    nat = target.natural(image_size=cfg.data.image_size, grayscale=cfg.data.grayscale, seed=derive_seed(cfg.seed, "natural"))
+    check_natural(nat, cfg, _target_source(cfg))
+    return nat, make_splits(nat.images.shape[0], _split_fractions(cfg), cfg.seed)
+
+
+def member_files(i: int, suffix: str = "") -> tuple[str, str, str]:
+    """File names of ensemble member ``i`` (0: the surrogate itself) in a run folder:
+    checkpoint, fit report and the seed name of its fit; ``suffix`` ``_all`` for the refit."""
+    stem = "" if i == 0 else f"_member{i}"
+    return f"surrogate{stem}{suffix}.pt", f"fit{stem}{suffix}.json", f"fit{stem}{suffix}"
+
+
+def synthesizing_surrogates(cfg: Config) -> list[str]:
+    """Checkpoint names of the surrogates a run synthesized with (refitted ones with ``fit.refit: all``)."""
+    suffix = "_all" if cfg.fit.refit == "all" else ""
+    return [member_files(i, suffix)[0] for i in range(len(cfg.fit.members()))]
 
 
 def _split_fractions(cfg: Config) -> dict[str, float]:
@@ -453,8 +472,7 @@ def _fit_members(
     """
     members, infos = [], []
     for i, fit in enumerate(fits):
-        stem = "" if i == 0 else f"_member{i}"
-        names = (f"surrogate{stem}{suffix}.pt", f"fit{stem}{suffix}.json", f"fit{stem}{suffix}")
+        names = member_files(i, suffix)
         if len(fits) > 1:
             log.info("ensemble member %d of %d%s", i + 1, len(fits), " (refit on all images)" if suffix else "")
         m, info = _fit_checkpointed(cfg, fit, run, x, y, train, val, site_ids, device, *names)

@@ -152,7 +152,7 @@ def test_debug_shows_the_traceback(tmp_path):
         main(["run", str(cfg), "--debug"])
 
 
-@pytest.mark.parametrize("argv", [[], ["run"], ["check"], ["validate"], ["bench", "synthesis"], ["bench", "ceiling"], ["data", "fetch"]])
+@pytest.mark.parametrize("argv", [[], ["run"], ["check"], ["validate"], ["bench", "synthesis"], ["bench", "ceiling"], ["bench", "gradients"], ["data", "fetch"]])
 def test_help_for_every_command(capsys, argv):
     with pytest.raises(SystemExit) as e:
         main(argv + ["--help"])
@@ -279,6 +279,8 @@ def test_lab_recordings_config_writes_a_stimulus_set_for_the_rig(tmp_path, capsy
     assert sorted(p.name for p in (out / "stimuli").glob("*.png")) == sorted(f"{s}.png" for s in z["stimulus_id"])
     rep = json.loads((out / "report.json").read_text())
     assert rep["followup"] is None and rep["fit"]["n_sites"] == 3
+    code, _, err = run_cli(["bench", "gradients", out], capsys)
+    assert_one_line_error(code, err, "config.resolved.yaml", "has no differentiable model of its sites")
 
 
 # --------------------------------------------------------------------------- end to end
@@ -428,6 +430,56 @@ def test_killed_mid_synthesis_leaves_no_finished_folder_and_resumes_identically(
     assert _report_without_timing(out) == _report_without_timing(ref)
 
 
+def _figures(out: str) -> dict[str, tuple[float, ...]]:
+    """`synth bench gradients` lines -> {model: (pixel, parameter)} and {"gradient_alignment": (x,)}."""
+    figs = {}
+    for line in out.splitlines():
+        m = re.match(r"^(\S+): median over sites of the median cosine: pixel (-?[\d.]+), parameter (-?[\d.]+)$", line)
+        if m:
+            figs[m.group(1)] = (float(m.group(2)), float(m.group(3)))
+        elif line.startswith("gradient_alignment: "):
+            figs["gradient_alignment"] = (float(line.split(": ")[1]),)
+    return figs
+
+
+def test_bench_gradients_on_a_finished_run(tiny_run, tmp_path, capsys):
+    """The printed alignment is the library's, for the run's surrogate, test images and parameterization."""
+    from synth.config import load_config
+    from synth.pipeline import load_natural, load_target
+    from synth.populations.alignment import gradient_alignment
+    from synth.surrogate import Surrogate
+    from synth.synthesis.params import PARAMS
+
+    _, run = tiny_run
+    code, out, err = run_cli(["bench", "gradients", run, "--images", "5", "--sites", "3", "-q"], capsys)
+    assert code == 0, err
+    figs = _figures(out)
+    assert set(figs) == {"surrogate.pt", "gradient_alignment"}, out
+    cfg = load_config(run / "config.resolved.yaml")
+    target = load_target(cfg)
+    nat, splits = load_natural(cfg, target)
+    param = PARAMS.build(cfg.synthesis.param, key="p", channels=1, size=32)
+    want = gradient_alignment({"s": Surrogate.load(run / "surrogate.pt")}, target.recorder().site_model,
+                              nat.images[splits.test[:5]], sites=range(3), param=param)
+    assert figs["surrogate.pt"] == (round(want.median("s", "pixel"), 3), round(want.median("s"), 3))
+    assert figs["gradient_alignment"] == (round(want.median("s"), 3),)
+    # the run's stretch outcomes split the compared sites
+    per = json.loads((run / "report.json").read_text())["stretch"]["per_target"]
+    n_targets = sum(t["target_site"] in list(target.site_ids[:3]) for t in per)
+    counts = [int(m) for m in re.findall(r"stretch outcome in report.json: (\d+) sites", out)]
+    assert sum(counts) == n_targets > 0
+    # bad input
+    code, _, err = run_cli(["bench", "gradients", tmp_path], capsys)
+    assert_one_line_error(code, err, str(tmp_path), "not a finished synth run folder")
+    partial = tmp_path / "no_ckpt"
+    partial.mkdir()
+    (partial / "config.resolved.yaml").write_bytes((run / "config.resolved.yaml").read_bytes())
+    code, _, err = run_cli(["bench", "gradients", partial], capsys)
+    assert_one_line_error(code, err, "surrogate checkpoint surrogate.pt missing")
+    code, _, err = run_cli(["bench", "gradients", run, "--images", "0"], capsys)
+    assert_one_line_error(code, err, "--images", "positive")
+
+
 def test_synth_validate_reproduces_the_run_report(tiny_run, tmp_path, capsys):
     _, run = tiny_run
     rep = json.loads((run / "report.json").read_text())
@@ -489,6 +541,12 @@ def test_ensemble_surrogate_averages_its_members(tmp_path, capsys):
     assert len(fit["ensemble"]) == 2 and all(-1 <= m["median_r_test"] <= 1 for m in fit["ensemble"])
     assert fit["ensemble"][1]["details"]["epochs_run"] == {"out": 3}
     assert fit["ensemble"][1]["details"]["feature_shape"]["out"][0] == 6
+    # bench gradients compares each member and their mean, and reports the mean (what synthesized)
+    code, text, err = run_cli(["bench", "gradients", out, "--images", "4", "--sites", "2", "-q"], capsys)
+    assert code == 0, err
+    figs = _figures(text)
+    assert set(figs) == {"surrogate.pt", "surrogate_member1.pt", "ensemble", "gradient_alignment"}, text
+    assert figs["gradient_alignment"] == (figs["ensemble"][1],)
 
 
 def test_refit_on_all_images_synthesizes_with_the_refitted_ensemble(tmp_path, capsys):
@@ -539,6 +597,10 @@ def test_refit_on_all_images_synthesizes_with_the_refitted_ensemble(tmp_path, ca
     r_split = np.nanmedian(pearson_per_site(mean(split_pair, nat.images[test]).T, test_rec.mean()))
     assert fit["median_r_test"] == pytest.approx(r_split, abs=1e-5)
     assert fit["refit"]["n_train_images"] == n - 12 and len(fit["refit"]["val_median_r"]) == 2
+    # bench gradients looks at the surrogates that synthesized: the refitted ones
+    code, text, err = run_cli(["bench", "gradients", out, "--images", "3", "--sites", "1", "-q"], capsys)
+    assert code == 0, err
+    assert set(_figures(text)) == {"surrogate_all.pt", "surrogate_member1_all.pt", "ensemble", "gradient_alignment"}, text
 
 
 def test_without_natural_rerecording_the_original_recording_gives_the_natural_statistics(tmp_path, capsys):

@@ -510,6 +510,17 @@ def _as_model_input(images: torch.Tensor) -> torch.Tensor:
     return images.float()
 
 
+class _SiteColumn(nn.Module):
+    """One column of the population model: ``(N, C, H, W) -> (N, 1)``."""
+
+    def __init__(self, model: VirtualPopulationModel, site: int) -> None:
+        super().__init__()
+        self.model, self.site = model, site
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(_as_model_input(images))[:, self.site : self.site + 1]
+
+
 class VirtualRecorder:
     """The simulated rig of a :class:`VirtualPopulation`: noise-free rates and noisy trials."""
 
@@ -525,6 +536,21 @@ class VirtualRecorder:
         """Compute on ``device`` (None: wherever the images are)."""
         self.device = None if device is None else torch.device(device)
         return self
+
+    def site_model(self, site: int) -> nn.Module:
+        """A differentiable model of one site: images -> its noise-free rate ``(N, 1)``.
+
+        The whole population is computed and one column kept (for diagnostics such as
+        ``synth bench gradients``; not a fast path).
+
+        Args:
+            site: the site's column (0 .. S-1).
+        """
+        if not 0 <= int(site) < len(self.site_ids):
+            raise IndexError(f"site {site} out of range for {len(self.site_ids)} sites")
+        if self.device is not None:
+            self.model.to(self.device)
+        return _SiteColumn(self.model, int(site))
 
     @torch.no_grad()
     def expected(self, images: torch.Tensor) -> torch.Tensor:
