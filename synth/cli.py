@@ -95,6 +95,9 @@ def _parser() -> argparse.ArgumentParser:
     bg.add_argument("run_dir", help="a finished run folder (config.resolved.yaml and its surrogate checkpoints)")
     bg.add_argument("--images", type=int, default=32, metavar="N", help="held-out test images to take gradients at (default 32)")
     bg.add_argument("--sites", type=int, default=None, metavar="N", help="only the first N sites (a quick check)")
+    bg.add_argument("--at", choices=("natural", "stretch", "one_hot"), default="natural",
+                    help="where to take the gradients: held-out natural test images (default) or N of the run's own "
+                    "stretch or one-hot images (spread over the set), where synthesis goes")
     bg.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override the run's device")
 
     d = sub.add_parser("data", parents=[common], help="data sets: download")
@@ -271,15 +274,25 @@ def _bench_gradients(a: argparse.Namespace, write) -> int:
     if not callable(getattr(recorder, "site_model", None)):
         raise UserError(f"{resolved}: target '{target.name}' has no differentiable model of its sites "
                         "(bench gradients needs digital twins or the virtual population)")
-    nat, splits = load_natural(cfg, target)
-    test = splits.test[: a.images]
+    if a.at == "natural":
+        nat, splits = load_natural(cfg, target)
+        images, where = nat.images[splits.test[: a.images]], "held-out test images"
+    else:
+        from synth.data.stimuli import read_stimulus_set
+
+        stim = read_stimulus_set(run)
+        rows = np.flatnonzero(np.asarray(stim.column("objective")) == a.at)
+        if rows.size == 0:
+            raise UserError(f"{a.run_dir}: no {a.at} images in its stimulus set")
+        rows = rows[np.unique(np.linspace(0, rows.size - 1, min(a.images, rows.size)).round().astype(int))]
+        images, where = stim.images[rows], f"of the run's {a.at} images"
     models = {f.name: Surrogate.load(f, device=device) for f in files}
     n_sites = len(target.site_ids)
     sites = list(range(n_sites if a.sites is None else min(a.sites, n_sites)))
     param = PARAMS.build(cfg.synthesis.param, key="synthesis.param", channels=1 if cfg.data.grayscale else 3, size=cfg.data.image_size)
     pname = cfg.synthesis.param if isinstance(cfg.synthesis.param, str) else cfg.synthesis.param.get("name")
-    write(f"{target.name}: {len(sites)} of {n_sites} sites, {test.size} held-out test images, device {device}, parameterization {pname}")
-    out = gradient_alignment(models, recorder.site_model, nat.images[test], sites=sites, param=param, device=device)
+    write(f"{target.name}: {len(sites)} of {n_sites} sites, {images.shape[0]} {where}, device {device}, parameterization {pname}")
+    out = gradient_alignment(models, recorder.site_model, images, sites=sites, param=param, device=device)
     for name in out.param:
         write(f"{name}: median over sites of the median cosine: pixel {out.median(name, 'pixel'):.3f}, parameter {out.median(name):.3f}")
     used = "ensemble" if len(models) > 1 else next(iter(models))  # what synthesized

@@ -468,6 +468,18 @@ def test_bench_gradients_on_a_finished_run(tiny_run, tmp_path, capsys):
     n_targets = sum(t["target_site"] in list(target.site_ids[:3]) for t in per)
     counts = [int(m) for m in re.findall(r"stretch outcome in report.json: (\d+) sites", out)]
     assert sum(counts) == n_targets > 0
+    # at the run's own stretch images (spread over the set) instead
+    from synth.data.stimuli import read_stimulus_set
+
+    code, out, err = run_cli(["bench", "gradients", run, "--images", "4", "--sites", "2", "--at", "stretch", "-q"], capsys)
+    assert code == 0, err
+    stim = read_stimulus_set(run)
+    rows = np.flatnonzero(np.asarray(stim.column("objective")) == "stretch")
+    assert rows.size > 4
+    rows = rows[np.unique(np.linspace(0, rows.size - 1, 4).round().astype(int))]
+    assert "4 of the run's stretch images" in out.splitlines()[0]
+    want = gradient_alignment({"s": Surrogate.load(run / "surrogate.pt")}, target.recorder().site_model, stim.images[rows], sites=range(2), param=param)
+    assert _figures(out)["gradient_alignment"] == (round(want.median("s"), 3),)
     # bad input
     code, _, err = run_cli(["bench", "gradients", tmp_path], capsys)
     assert_one_line_error(code, err, str(tmp_path), "not a finished synth run folder")
@@ -547,6 +559,8 @@ def test_ensemble_surrogate_averages_its_members(tmp_path, capsys):
     figs = _figures(text)
     assert set(figs) == {"surrogate.pt", "surrogate_member1.pt", "ensemble", "gradient_alignment"}, text
     assert figs["gradient_alignment"] == (figs["ensemble"][1],)
+    code, _, err = run_cli(["bench", "gradients", out, "--at", "one_hot"], capsys)
+    assert_one_line_error(code, err, "no one_hot images in its stimulus set")
 
 
 def test_refit_on_all_images_synthesizes_with_the_refitted_ensemble(tmp_path, capsys):
