@@ -90,8 +90,9 @@ def _parser() -> argparse.ArgumentParser:
     bg = bsub.add_parser("gradients", parents=[common], help="do the surrogate's input gradients point where the simulated sites' do?",
                          description="For a finished run whose target simulates its sites with differentiable models (digital "
                          "twins, the virtual population): per site, the cosine between each surrogate's input gradient and the "
-                         "site's own, at held-out natural images, in pixel space and in the synthesis parameterization's space "
-                         "(what synthesis follows). Sites whose gradients agree are the ones synthesis can drive.")
+                         "site's own, at held-out natural images (or the run's own synthesized images), in pixel space and in "
+                         "the synthesis parameterization's space (what synthesis follows). Sites whose gradients agree are the "
+                         "ones synthesis can drive.")
     bg.add_argument("run_dir", help="a finished run folder (config.resolved.yaml and its surrogate checkpoints)")
     bg.add_argument("--images", type=int, default=32, metavar="N", help="held-out test images to take gradients at (default 32)")
     bg.add_argument("--sites", type=int, default=None, metavar="N", help="only the first N sites (a quick check)")

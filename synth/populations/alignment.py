@@ -4,8 +4,8 @@ Synthesis climbs the surrogate's gradient, so an image drives a neuron only as f
 gradient agrees with the neuron's own. Where the sites are simulated by differentiable
 models (digital twins, the virtual population), the agreement can be measured directly:
 for each site and each image, the cosine between the surrogate's gradient of its
-prediction for that site and the gradient of the site's own model, at held-out natural
-images. Two spaces:
+prediction for that site and the gradient of the site's own model, at given images
+(held-out natural images, or the synthesized images themselves). Two spaces:
 
 - **pixel**: gradients with respect to the image;
 - **param**: with respect to the synthesis parameterization's values at that image (the
