@@ -213,9 +213,15 @@ def _cmd_bench(a: argparse.Namespace) -> int:
     return 0
 
 
+def _recorder_of(target, device):
+    """The target's simulated recorder on ``device``, or None (a lab's target records on the rig)."""
+    make = getattr(target, "recorder", None)
+    return make(device=device) if callable(make) else None
+
+
 def _bench_ceiling(a: argparse.Namespace, write) -> int:
     from synth.config import load_config
-    from synth.pipeline import load_target
+    from synth.pipeline import load_natural, load_target
     from synth.populations.oracle import twin_ceiling
     from synth.populations.twins import TwinRecorder
     from synth.runtime import derive_seed, resolve_device
@@ -224,12 +230,11 @@ def _bench_ceiling(a: argparse.Namespace, write) -> int:
         raise UserError(f"--sites: expected a positive number, got {a.sites}")
     cfg = load_config(a.config, a.overrides)
     target = _in_config(lambda: load_target(cfg, os.path.dirname(os.path.abspath(a.config))), a.config)
-    make = getattr(target, "recorder", None)
     device = resolve_device(cfg.device)
-    recorder = make(device=device) if callable(make) else None
+    recorder = _recorder_of(target, device)
     if not isinstance(recorder, TwinRecorder):
         raise UserError(f"{a.config}: target '{target.name}' has no digital twins to synthesize on (bench ceiling needs e.g. a cowley2023 session with twins)")
-    nat = target.natural(image_size=cfg.data.image_size, grayscale=cfg.data.grayscale, seed=derive_seed(cfg.seed, "natural"))
+    nat, _ = load_natural(cfg, target)
     sites = None if a.sites is None else list(range(min(a.sites, len(recorder.site_ids))))
     write(f"{target.name}: {len(recorder.site_ids)} twins, {nat.images.shape[0]} natural images, device {device}, "
           f"{cfg.synthesis.steps} steps, {cfg.stimuli.seeds_per_target} images per site")
@@ -270,8 +275,7 @@ def _bench_gradients(a: argparse.Namespace, write) -> int:
     if missing:
         raise UserError(f"{a.run_dir}: surrogate checkpoint {missing[0]} missing (the run's config names {len(files)})")
     target = _in_config(lambda: load_target(cfg, str(run)), str(resolved))
-    make = getattr(target, "recorder", None)
-    recorder = make(device=device) if callable(make) else None
+    recorder = _recorder_of(target, device)
     if not callable(getattr(recorder, "site_model", None)):
         raise UserError(f"{resolved}: target '{target.name}' has no differentiable model of its sites "
                         "(bench gradients needs digital twins or the virtual population)")
