@@ -10,8 +10,8 @@ calls :func:`ensure_core`, which
    distillation (never the evaluated session's own twins: those are its follow-up
    recorder), and a cache key = SHA-256 of the data files' checksums, the core config
    (less its time limit, less ``distill_images`` when there is no teacher, and less
-   ``distill_noise_images``, ``distill_synth_*`` and ``adversarial_eps`` when there is
-   none or they are 0), the image mode and the seed;
+   ``distill_noise_images``, ``distill_synth_*``, ``distill_jacobian*`` and
+   ``adversarial_eps`` when there is none or they are 0), the image mode and the seed;
 2. loads ``<cache>/cores/<key>/core.pt`` when it exists (a second run reuses it; a core
    cut short by its time limit is retrained when this run's limit is higher), else
    trains the core and writes it there atomically, with ``core.json`` (sessions, twins,
@@ -24,7 +24,9 @@ synthesized stimuli (:func:`noise_images`), plus ``distill_synth_images`` stretc
 synthesized on the teachers' own twins (:func:`teacher_stimuli`: what past sessions'
 recorded synthetic stimuli give a lab); those labels enter ``fit_core`` as one extra
 "session" per teacher (``twins:<session>``). Twins are other neurons than the evaluated ones, used
-like any pretrained model.
+like any pretrained model. With ``distill_jacobian`` > 0 the core also learns the teachers'
+input gradients (Jacobian matching, :func:`jacobian_targets`): on each distillation image,
+the direction in which one of the teacher's twins would change, as synthesis sees it.
 
 The cache lives outside the repository: ``fit.core.cache_dir``, else
 ``$SYNTH_CACHE_DIR/cores``, else ``~/.cache/synth/cores``.
@@ -84,6 +86,18 @@ class CoreConfig:
                   "each, the closed-loop recipe: TEACHER_SYNTHESIS), then labelled by every teacher: responses to stimuli "
                   "like those the loop makes, as past sessions' recorded synthetic images would give (0: none; "
                   "1000 on 201025 gave no gain: README)"},
+    )
+    distill_jacobian: float = field(
+        default=0.0,
+        metadata={"min": 0.0, "help": "Jacobian matching: weight of 1 - cosine between the core's input gradient for one "
+                  "teacher twin per distillation image and that twin's own, both seen through the fourier "
+                  "preconditioner (distill_jacobian_decay); the teachers' batches then take about 3x as long (0: off)"},
+    )
+    distill_jacobian_decay: float = field(
+        default=2.5, metadata={"min": 0.0, "help": "decay_power of the fourier view in which Jacobians are compared (the synthesis param's)"}
+    )
+    distill_jacobian_from_epoch: int = field(
+        default=1, metadata={"min": 1, "help": "first epoch (1-based) with Jacobian matching: later epochs only, after plain training"}
     )
     distill_synth_steps: int = field(default=64, metadata={"min": 1, "max": 10000, "help": "gradient steps per teacher-synthesized image"})
     backbone_kwargs: dict[str, Any] = field(
@@ -254,6 +268,12 @@ def plan_core(cc: CoreConfig, *, root: str | os.PathLike, evaluated: str, graysc
         cfg_d.pop("distill_synth_steps", None)
     else:
         cfg_d["teacher_synthesis"] = TEACHER_SYNTHESIS  # the recipe of those images is part of what is trained
+    if not teachers or not cfg_d.get("distill_jacobian"):
+        cfg_d.pop("distill_jacobian", None)  # likewise
+        cfg_d.pop("distill_jacobian_decay", None)
+        cfg_d.pop("distill_jacobian_from_epoch", None)
+    elif cfg_d.get("distill_jacobian_from_epoch") == 1:
+        cfg_d.pop("distill_jacobian_from_epoch", None)  # keeps the keys of cores trained before the option
     if not cfg_d.get("adversarial_eps"):
         cfg_d.pop("adversarial_eps", None)  # likewise
     blob = json.dumps(
@@ -464,6 +484,46 @@ def teacher_stimuli(recorder, natural: torch.Tensor, n: int, *, seed: int, steps
     return out
 
 
+def jacobian_targets(plan: CorePlan, datasets: Sequence[tuple[torch.Tensor, torch.Tensor]], names: Sequence[str], *, device: torch.device | str = "cpu", batch_size: int = 64):
+    """Each teacher's input gradients on its distillation images, for Jacobian matching.
+
+    Per image one twin, drawn (seeded) uniformly among the teacher's twins; its calibrated
+    response's gradient with respect to the image as the core sees it (``input_size``,
+    the plan's image mode), in the ``fourier`` view of ``distill_jacobian_decay``.
+
+    Returns:
+        ``{"twins:<session>": JacobianTargets}`` for :func:`~synth.surrogate.fit.fit_core`
+        (empty when ``distill_jacobian`` is 0 or there are no teachers).
+    """
+    from synth.progress import progress
+    from synth.surrogate.fit import JacobianTargets, spectral_view
+
+    cc = plan.config
+    if not cc.distill_jacobian or not plan.teachers:
+        return {}
+    out = {}
+    for t in plan.teachers:
+        name = f"twins:{t}"
+        x, y = datasets[list(names).index(name)]
+        rec = _teacher(plan.root, t, device)
+        rng = np.random.default_rng(derive_seed(plan.seed, "core-jacobian", t))
+        sites = torch.as_tensor(rng.integers(0, y.shape[1], size=x.shape[0]), dtype=torch.int64)
+        grads = torch.empty(x.shape, dtype=torch.float16)
+        t0 = time.perf_counter()
+        for site in progress(sites.unique().tolist(), desc=f"teacher gradients {t}", total=int(sites.unique().numel())):
+            model = rec.site_model(site)
+            rows = torch.nonzero(sites == site).flatten()
+            for k in range(0, rows.numel(), batch_size):
+                r = rows[k : k + batch_size]
+                xb = x[r].to(device).requires_grad_(True)
+                (g,) = torch.autograd.grad(model(xb).sum(), xb)
+                v = spectral_view(g, cc.distill_jacobian_decay)
+                grads[r] = (v / v.flatten(1).norm(dim=1).clamp_min(1e-20).view(-1, 1, 1, 1)).cpu().half()
+        log.info("core data: twins of %s gave %d input gradients for Jacobian matching (%.0f s)", t, x.shape[0], time.perf_counter() - t0)
+        out[name] = JacobianTargets(sites=sites, grads=grads, weight=float(cc.distill_jacobian), decay_power=float(cc.distill_jacobian_decay))
+    return out
+
+
 def _teacher(root: str, session: str, device: torch.device | str = "cpu"):
     """A teacher session's twins, computed on ``device``, calibrated on that session's own natural images."""
     from synth.populations.twins import build_cowley2023
@@ -521,13 +581,14 @@ def ensure_core(plan: CorePlan, *, device: torch.device | str = "cpu") -> tuple[
     )
     t0 = time.perf_counter()
     datasets, names, data_info = training_sets(plan, device=device)
+    jacobians = jacobian_targets(plan, datasets, names, device=device)
     load_s = time.perf_counter() - t0
     cc = plan.config
     # The limit is for the whole stage: what loading and labelling took comes off training.
     max_s = None if cc.max_minutes is None else max(0.0, float(cc.max_minutes) * 60.0 - load_s)
     core, rep = fit_core(
         datasets, cc.fit_config(), device=device, seed=plan.seed, names=names, max_seconds=max_s, precision=cc.precision,
-        adversarial_eps=cc.adversarial_eps,
+        adversarial_eps=cc.adversarial_eps, jacobians=jacobians, jacobian_from_epoch=cc.distill_jacobian_from_epoch,
     )
     from synth.configtools import to_dict
 
@@ -550,6 +611,7 @@ def ensure_core(plan: CorePlan, *, device: torch.device | str = "cpu") -> tuple[
         "schedule_epochs": rep.get("schedule_epochs"),
         "precision": rep.get("precision"),
         "adversarial_eps": rep.get("adversarial_eps", 0.0),
+        "jacobian_cosine": rep.get("jacobian_cosine", []),
         "data_seconds": round(load_s, 1),
         "train_seconds": rep["train_seconds"],
         "total_seconds": round(time.perf_counter() - t0, 1),
@@ -579,7 +641,7 @@ def core_summary(info: Mapping[str, Any]) -> dict[str, Any]:
     """The part of a core's info that goes into report.json / provenance.json."""
     keys = (
         "cache", "path", "key", "sessions", "excluded_session", "excluded", "distill_twins", "mean_val_median_r",
-        "val_median_r", "epochs_run", "best_epoch", "stopped_by_time_limit", "schedule_epochs", "precision", "adversarial_eps", "train_seconds",
+        "val_median_r", "epochs_run", "best_epoch", "stopped_by_time_limit", "schedule_epochs", "precision", "adversarial_eps", "jacobian_cosine", "train_seconds",
         "total_seconds", "data",
     )
     return {k: info.get(k) for k in keys if k in info}

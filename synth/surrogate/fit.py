@@ -302,6 +302,73 @@ def l2_adversarial(
     return (xa + float(eps) * grad / norm).clamp(0.0, 1.0).detach()
 
 
+@dataclass(frozen=True)
+class JacobianTargets:
+    """Input gradients a core's readout should follow on one dataset (Jacobian matching).
+
+    For each image, one site (output column) and that site's gradient under a teacher
+    (e.g. another session's digital twin), seen through the ``fourier`` preconditioner
+    (:func:`spectral_view`): the space synthesis steps in, where the direction matters.
+
+    Args:
+        sites: ``(N,)`` int64, the column of each image's site.
+        grads: ``(N, C, H, W)``, the teacher's gradients (any scale: only the direction
+            counts), already passed through :func:`spectral_view` with ``decay_power``.
+        weight: the loss weight of ``1 - cosine``.
+        decay_power: the preconditioner's decay (the student's gradients get the same view).
+    """
+
+    sites: torch.Tensor
+    grads: torch.Tensor
+    weight: float
+    decay_power: float
+
+    def __post_init__(self) -> None:
+        if self.sites.ndim != 1 or self.grads.ndim != 4 or self.sites.shape[0] != self.grads.shape[0]:
+            raise DataError(f"Jacobian targets need sites (N,) and grads (N, C, H, W), got {tuple(self.sites.shape)} and {tuple(self.grads.shape)}")
+        if not self.weight >= 0 or not self.decay_power >= 0:
+            raise ConfigError(f"Jacobian weight and decay_power must be >= 0, got {self.weight} and {self.decay_power}", key="distill_jacobian")
+
+
+def spectral_view(g: torch.Tensor, decay_power: float) -> torch.Tensor:
+    """Pixel-space gradients as the ``fourier`` parameterization sees them, back in pixels.
+
+    ``irfft2(rfft2(g) * fourier_scale)``: the cosine between two such views is (up to the
+    half-spectrum weighting) the cosine of the gradients in the ``fourier`` space with this
+    ``decay_power``, where low frequencies dominate and pixel noise counts little.
+
+    Shape:
+        g: ``(N, C, H, H)``; returns the same shape.
+    """
+    from synth.synthesis.params import fourier_scale
+
+    if g.ndim != 4 or g.shape[-1] != g.shape[-2]:
+        raise ValueError(f"spectral_view expects square images (N, C, H, H), got {tuple(g.shape)}")
+    n = g.shape[-1]
+    scale = fourier_scale(n, decay_power).to(g.device)
+    return torch.fft.irfft2(torch.fft.rfft2(g.float(), norm="ortho") * scale, s=(n, n), norm="ortho")
+
+
+def jacobian_loss(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, targets: JacobianTargets, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predictions on ``x`` and the mean ``1 - cosine`` between the model's input gradients
+    and ``targets`` (rows ``idx``), both seen by :func:`spectral_view`.
+
+    The gradient is taken with ``create_graph`` so the loss trains the model (a double
+    backward pass: about 3x a plain step).
+
+    Returns:
+        (predictions ``(B, S)``, scalar loss).
+    """
+    xg = x.detach().requires_grad_(True)
+    pred = model(xg)
+    sites = targets.sites[idx].to(pred.device).view(-1, 1)
+    (g,) = torch.autograd.grad(pred.float().gather(1, sites).sum(), xg, create_graph=True)
+    view = spectral_view(g, targets.decay_power).flatten(1)
+    goal = targets.grads[idx].to(view.device, torch.float32).flatten(1)
+    cos = torch.nn.functional.cosine_similarity(view, goal, dim=1, eps=1e-12)
+    return pred, (1.0 - cos).mean()
+
+
 @torch.no_grad()
 def _compute_features(backbone: nn.Module, x: torch.Tensor, device: torch.device, batch_size: int) -> torch.Tensor:
     backbone.eval()
@@ -649,6 +716,8 @@ def fit_core(
     max_seconds: float | None = None,
     precision: str = "fp32",
     adversarial_eps: float = 0.0,
+    jacobians: Mapping[str, JacobianTargets] | None = None,
+    jacobian_from_epoch: int = 1,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Train one small core shared by several recording sessions (one readout each).
 
@@ -678,6 +747,12 @@ def fit_core(
         adversarial_eps: > 0: train on images moved by :func:`l2_adversarial` (L2 step
             of this length, [0, 1] pixel units at the core's input size) instead of the
             clean ones (about 1.6x the time per epoch); 0: clean images.
+        jacobians: session name -> :class:`JacobianTargets` for that session's images:
+            its batches add ``weight * (1 - cosine)`` between the readout's input gradient
+            and the targets (:func:`jacobian_loss`; those batches are not shifted, so the
+            gradients stay where the targets were taken). None: plain training.
+        jacobian_from_epoch: the first epoch (1-based) with the Jacobian term; earlier
+            epochs train as if there were no targets.
 
     Returns:
         (core, report): ``core`` is a plain dict for :func:`save_core` (architecture,
@@ -697,6 +772,13 @@ def fit_core(
     log.info("core training precision: %s", precision)
     names = [str(i) for i in range(len(datasets))] if names is None else [str(n) for n in names]
     pairs = [_check_pair(d, f"session {nm}") for d, nm in zip(datasets, names)]
+    jacobians = dict(jacobians or {})
+    for nm, jt in jacobians.items():
+        x_nm = dict(zip(names, (x for x, _ in pairs))).get(nm)
+        if x_nm is None:
+            raise DataError(f"Jacobian targets for unknown session {nm!r} (sessions: {', '.join(names)})")
+        if tuple(jt.grads.shape) != tuple(x_nm.shape):
+            raise DataError(f"Jacobian targets of session {nm} have shape {tuple(jt.grads.shape)}, its images {tuple(x_nm.shape)}")
     chans = {int(x.shape[1]) for x, _ in pairs}
     if len(chans) != 1:
         raise DataError(f"sessions have images with different channel counts {sorted(chans)}")
@@ -720,10 +802,14 @@ def fit_core(
         ro.init_bias(y[tr].mean(0) / scale)
         if hasattr(ro, "generator"):
             ro.generator = torch_generator(derive_seed(seed, "readout-noise", nm))
+        jt = jacobians.get(nm)
+        if jt is not None and jt.weight > 0:
+            jt = dataclasses.replace(jt, sites=jt.sites[tr], grads=jt.grads[tr].to(device))
         sessions.append(
             {
                 "name": nm, "x_tr": x[tr].to(device, memory_format=cl), "y_tr": (y[tr] / scale).to(device),
                 "x_va": x[va].to(device, memory_format=cl), "y_va": (y[va] / scale), "readout": ro.to(device),
+                "jacobian": jt if jt is not None and jt.weight > 0 else None,
             }
         )
     readouts = nn.ModuleList([s["readout"] for s in sessions])
@@ -742,9 +828,11 @@ def fit_core(
     epoch_start, durations, planned_epochs = t0, [], cfg.epochs
     history: list[dict[str, float]] = []
     epoch = 0
+    jac_history: list[float] = []
     for epoch in progress(range(cfg.epochs), desc="fit shared core", total=cfg.epochs):
         backbone.train()
         readouts.train()
+        jac_sum, jac_n = 0.0, 0
         steps = [(k, idx) for k, s in enumerate(sessions) for idx in _batches(s["x_tr"].shape[0], cfg.batch_size, g_shuffle)]
         order = torch.randperm(len(steps), generator=g_shuffle).tolist()
         for j in order:
@@ -752,6 +840,19 @@ def fit_core(
             s = sessions[k]
             xb = s["x_tr"][idx.to(device)]
             yb = s["y_tr"][idx.to(device)]
+            jt = s["jacobian"] if epoch + 1 >= jacobian_from_epoch else None
+            if jt is not None:
+                ro = s["readout"]
+                with autocast(precision, device):
+                    pred, jl = jacobian_loss(lambda z: ro(backbone(z)), xb.contiguous(memory_format=cl), jt, idx)
+                jac_sum, jac_n = jac_sum + float(jl.detach()), jac_n + 1
+                loss = loss_fn(pred.float(), yb) + jt.weight * jl + ro.regularizer() + backbone.regularizer()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if sched is not None:
+                    sched.step()
+                continue
             if cfg.augment_shift:
                 xb = random_shift(xb, cfg.augment_shift, g_aug)
             xb = xb.contiguous(memory_format=cl)
@@ -775,6 +876,9 @@ def fit_core(
                 scores[s["name"]] = _median(pearson_columns(pv.cpu().numpy(), s["y_va"].numpy()))
         history.append(scores)
         score = float(np.nanmean(list(scores.values())))
+        if jac_n:
+            jac_history.append(jac_sum / jac_n)
+            log.info("core epoch %d: mean Jacobian cosine %.3f on the teachers' batches", epoch + 1, 1.0 - jac_history[-1])
         log.info("core epoch %d: mean val median r %.4f (%.0f s)", epoch + 1, score, time.perf_counter() - t0)
         if score > best_score + 1e-4:
             best_score, best_epoch, bad = score, epoch + 1, 0
@@ -825,6 +929,7 @@ def fit_core(
         "train_seconds": round(time.perf_counter() - t0, 3),
         "precision": precision,
         "adversarial_eps": float(adversarial_eps),
+        "jacobian_cosine": [round(1.0 - v, 4) for v in jac_history],
         "n_train": {s["name"]: int(s["x_tr"].shape[0]) for s in sessions},
         "n_val": {s["name"]: int(s["x_va"].shape[0]) for s in sessions},
     }

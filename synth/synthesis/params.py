@@ -59,6 +59,25 @@ def color_matrix(chroma: float = 1.0) -> torch.Tensor:
     return _OPPONENT * (_OPPONENT_AMPLITUDE * torch.tensor([1.0, chroma, chroma])).view(1, 3)
 
 
+def fourier_scale(size: int, decay_power: float) -> torch.Tensor:
+    """Per-frequency scale ``1 / max(f, 1/size) ** decay_power`` of a ``size x size`` real
+    spectrum (``torch.fft.rfft2`` layout), normalized to unit RMS.
+
+    The ``fourier`` parameterization's preconditioner; a gradient in pixel space maps to
+    its space as ``rfft2(g, norm="ortho") * scale`` (up to a constant).
+
+    Returns:
+        float32 tensor of shape ``(size, size // 2 + 1)``.
+    """
+    if size < 1 or not decay_power >= 0:
+        raise ValueError(f"fourier_scale needs size >= 1 and decay_power >= 0, got {size} and {decay_power}")
+    fy = torch.fft.fftfreq(size).view(-1, 1)
+    fx = torch.fft.rfftfreq(size).view(1, -1)
+    f = torch.sqrt(fy * fy + fx * fx).clamp_min(1.0 / size)
+    scale = f.pow(-float(decay_power))
+    return (scale / scale.pow(2).mean().sqrt()).float()
+
+
 class ImageParam(nn.Module):
     """Base class: ``init`` one image's parameters, ``forward`` parameters -> images.
 
@@ -169,14 +188,8 @@ class FourierParam(ImageParam):
         if decay_power < 0:
             raise ValueError(f"decay_power must be >= 0, got {decay_power}")
         self.decay_power = float(decay_power)
-        n = self.size
-        fy = torch.fft.fftfreq(n).view(-1, 1)
-        fx = torch.fft.rfftfreq(n).view(1, -1)
-        f = torch.sqrt(fy * fy + fx * fx).clamp_min(1.0 / n)
-        scale = f.pow(-self.decay_power)
-        scale = scale / scale.pow(2).mean().sqrt()
         # ortho irfft2 of unit-variance coefficients gives pixel std ~ sqrt(2) * rms(scale)
-        self.register_buffer("scale", (scale / math.sqrt(2.0)).float(), persistent=False)
+        self.register_buffer("scale", fourier_scale(self.size, self.decay_power) / math.sqrt(2.0), persistent=False)
 
     @property
     def param_shape(self) -> tuple[int, ...]:

@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -188,3 +190,84 @@ def test_fit_core_adversarial_training_changes_the_core_and_still_learns(core):
     assert any(not torch.equal(v, core[0]["state_dict"][k]) for k, v in adv["state_dict"].items() if v.is_floating_point())
     with pytest.raises(ConfigError, match="adversarial_eps"):
         fit_core(sessions(), cfg, adversarial_eps=-0.1)
+
+
+def test_spectral_view_is_the_fourier_params_gradient_space():
+    """The cosine of two spectral views equals the cosine of the same gradients pulled back
+    into the ``fourier`` parameterization (clamp output, no colour mixing), whatever the decay."""
+    from synth.surrogate.fit import spectral_view
+    from synth.synthesis.params import fourier
+
+    g1, g2 = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)).unbind(0)
+    for decay in (0.0, 1.0, 2.5):
+        param = fourier(decay_power=decay, output="clamp", decorrelate=False, channels=3, size=16)
+        p = torch.zeros(1, *param.param_shape, requires_grad=True)
+        pulled = [torch.autograd.grad((param(p) * g).sum(), p)[0].flatten() for g in (g1, g2)]
+        v1, v2 = (spectral_view(g[None], decay).flatten() for g in (g1, g2))
+        cos_p = torch.nn.functional.cosine_similarity(pulled[0], pulled[1], dim=0)
+        cos_v = torch.nn.functional.cosine_similarity(v1, v2, dim=0)
+        assert abs(float(cos_p) - float(cos_v)) < 0.05, decay
+    assert torch.allclose(spectral_view(g1[None], 0.0), g1[None], atol=1e-5)  # no decay: the pixels themselves
+    with pytest.raises(ValueError, match="square"):
+        spectral_view(torch.zeros(1, 3, 8, 9), 2.0)
+
+
+def _linear_model(w):
+    return lambda x: x.flatten(1) @ w.flatten(1).T
+
+
+def test_jacobian_loss_known_answers():
+    """A linear model's input gradient for site j is its weight map j: the loss is 0 against
+    its own (viewed) weights, 2 against their negatives, and the gradient of the loss reaches
+    the model's parameters (it can train)."""
+    from synth.surrogate.fit import JacobianTargets, jacobian_loss, spectral_view
+
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(3, 1, 8, 8, generator=gen, requires_grad=True)
+    x = torch.rand(6, 1, 8, 8, generator=gen)
+    sites = torch.tensor([0, 1, 2, 2, 1, 0])
+    own = spectral_view(w.detach()[sites], 2.0)
+    idx = torch.arange(6)
+    pred, loss = jacobian_loss(_linear_model(w), x, JacobianTargets(sites=sites, grads=own, weight=1.0, decay_power=2.0), idx)
+    assert pred.shape == (6, 3) and abs(float(loss.detach())) < 1e-5
+    _, loss = jacobian_loss(_linear_model(w), x, JacobianTargets(sites=sites, grads=-own, weight=1.0, decay_power=2.0), idx)
+    assert abs(float(loss.detach()) - 2.0) < 1e-5
+    other = spectral_view(torch.randn(6, 1, 8, 8, generator=gen), 2.0)
+    _, loss = jacobian_loss(_linear_model(w), x[:3], JacobianTargets(sites=sites, grads=other, weight=1.0, decay_power=2.0), idx[:3])
+    (gw,) = torch.autograd.grad(loss, w)
+    assert float(gw.abs().sum()) > 0
+    with pytest.raises(DataError, match="sites"):
+        JacobianTargets(sites=sites[:2], grads=own, weight=1.0, decay_power=2.0)
+    with pytest.raises(ConfigError, match="distill_jacobian"):
+        JacobianTargets(sites=sites, grads=own, weight=-1.0, decay_power=2.0)
+
+
+def test_fit_core_jacobian_matching_aligns_the_gradients_with_the_teachers():
+    """With Jacobian targets taken from the generating model, the core's gradients on that
+    session turn towards them over the epochs (the report's per-epoch cosine rises well
+    above where it starts), and the cosine is not computed at weight 0."""
+    from synth.surrogate.fit import JacobianTargets, spectral_view
+
+    gen = torch.Generator().manual_seed(2)
+    x = toy_images(160, seed=3)
+    w = spectral_view(torch.randn(2, *x.shape[1:], generator=gen), 1.0)
+    a = x.flatten(1) @ w.flatten(1).T * 0.05
+    y = torch.nn.functional.softplus(a) + 0.1
+    sites = torch.randint(0, 2, (x.shape[0],), generator=gen)
+    g = torch.sigmoid(a)[torch.arange(x.shape[0]), sites].view(-1, 1, 1, 1) * w[sites]
+    targets = JacobianTargets(sites=sites, grads=spectral_view(g, 2.5), weight=5.0, decay_power=2.5)
+    cfg = from_dict(FitConfig, {**TINY_FIT, "epochs": 6})
+    _, rep = fit_core([(x, y)] + sessions()[:1], cfg, seed=0, names=["t", "a"], jacobians={"t": targets})
+    cos = rep["jacobian_cosine"]
+    assert len(cos) == rep["epochs_run"] and cos[-1] > cos[0] + 0.1 and cos[-1] > 0.5
+    _, rep0 = fit_core([(x, y)], cfg, seed=0, names=["t"], jacobians={"t": dataclasses.replace(targets, weight=0.0)})
+    assert rep0["jacobian_cosine"] == []
+    # from a later epoch: plain epochs first (the same as without targets), then matching
+    late, rep_late = fit_core([(x, y)], cfg, seed=0, names=["t"], jacobians={"t": targets}, jacobian_from_epoch=5)
+    plain, rep_plain = fit_core([(x, y)], cfg, seed=0, names=["t"])
+    assert len(rep_late["jacobian_cosine"]) == 2 and rep_late["history"][:4] == rep_plain["history"][:4]
+    assert any(not torch.equal(v, plain["state_dict"][k]) for k, v in late["state_dict"].items() if v.is_floating_point())
+    with pytest.raises(DataError, match="unknown session 'u'"):
+        fit_core([(x, y)], cfg, names=["t"], jacobians={"u": targets})
+    with pytest.raises(DataError, match="shape"):
+        fit_core([(x, y)], cfg, names=["t"], jacobians={"t": dataclasses.replace(targets, grads=targets.grads[:, :, :8])})

@@ -177,6 +177,14 @@ def test_cache_key_tracks_config_seed_mode_and_data(fake_root, cache):
     # adversarial training: off keeps the keys of cores trained before the option, on is a new core
     assert plan_core(_cc(adversarial_eps=0.0), root=fake_root, evaluated="c3", grayscale=False, seed=0).key == base.key
     assert plan_core(_cc(adversarial_eps=0.5), root=fake_root, evaluated="c3", grayscale=False, seed=0).key != base.key
+    # Jacobian matching: likewise (and nothing without teachers)
+    assert plan_core(_cc(distill_jacobian=1.0, distill_jacobian_decay=1.0), root=fake_root, evaluated="c3", grayscale=False, seed=0).key == base.key
+    assert plan_core(_cc(distill_twins="auto", distill_jacobian=0.0, distill_jacobian_decay=1.0), root=fake_root, evaluated="c3", grayscale=False, seed=0).key == with_t.key
+    jac = plan_core(_cc(distill_twins="auto", distill_jacobian=1.0), root=fake_root, evaluated="c3", grayscale=False, seed=0)
+    assert jac.key not in (with_t.key, plan_core(_cc(distill_twins="auto", distill_jacobian=1.0, distill_jacobian_decay=1.0), root=fake_root, evaluated="c3", grayscale=False, seed=0).key)
+    assert plan_core(_cc(distill_twins="auto", distill_jacobian=1.0, distill_jacobian_from_epoch=1), root=fake_root, evaluated="c3", grayscale=False, seed=0).key == jac.key
+    assert plan_core(_cc(distill_twins="auto", distill_jacobian=1.0, distill_jacobian_from_epoch=3), root=fake_root, evaluated="c3", grayscale=False, seed=0).key != jac.key
+    assert plan_core(_cc(distill_twins="auto", distill_jacobian_from_epoch=3), root=fake_root, evaluated="c3", grayscale=False, seed=0).key == with_t.key
     for other in (
         plan_core(_cc(), root=fake_root, evaluated="c3", grayscale=False, seed=1),
         plan_core(_cc(), root=fake_root, evaluated="c3", grayscale=True, seed=0),
@@ -355,6 +363,43 @@ def test_adversarial_core_is_its_own_cache_entry_and_records_eps(fake_root, cach
     assert core_summary(info)["adversarial_eps"] == 0.2  # into report.json
     assert json.loads(path.with_name("core.json").read_text())["config"]["adversarial_eps"] == 0.2
     assert ensure_core(adv_plan)[1]["cache"] == "hit"
+
+
+def test_jacobian_targets_are_each_images_own_twin_gradient_seen_by_the_fourier_view(fake_root, cache):
+    """One seeded twin per distillation image; its target is that calibrated twin's input
+    gradient at the core's input (unit length, fourier view); none unless asked for."""
+    from synth.surrogate.fit import spectral_view
+
+    plan = plan_core(_cc(distill_twins="auto", distill_jacobian=0.5, distill_jacobian_decay=1.5), root=fake_root, evaluated="c3", grayscale=False, seed=0)
+    datasets, names, _ = core_mod.training_sets(plan)
+    jac = core_mod.jacobian_targets(plan, datasets, names)
+    assert list(jac) == ["twins:a1"]
+    jt = jac["twins:a1"]
+    x, y = datasets[names.index("twins:a1")]
+    assert jt.grads.shape == x.shape and jt.sites.shape == (x.shape[0],) and jt.weight == 0.5 and jt.decay_power == 1.5
+    assert int(jt.sites.min()) >= 0 and int(jt.sites.max()) < y.shape[1] and jt.sites.unique().numel() > 1
+    assert torch.allclose(jt.grads.float().flatten(1).norm(dim=1), torch.ones(x.shape[0]), atol=1e-2)
+    rec = core_mod._teacher(fake_root, "a1")
+    for i in (0, 5):
+        xi = x[i : i + 1].clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(rec.site_model(int(jt.sites[i]))(xi).sum(), xi)
+        cos = torch.nn.functional.cosine_similarity(spectral_view(g, 1.5).flatten(), jt.grads[i].float().flatten(), dim=0)
+        assert float(cos) > 0.999
+    again = core_mod.jacobian_targets(plan, datasets, names)["twins:a1"]
+    assert torch.equal(again.sites, jt.sites) and torch.equal(again.grads, jt.grads)
+    other = plan_core(_cc(distill_twins="auto", distill_jacobian=0.5), root=fake_root, evaluated="c3", grayscale=False, seed=1)
+    assert not torch.equal(core_mod.jacobian_targets(other, datasets, names)["twins:a1"].sites, jt.sites)
+    off = plan_core(_cc(distill_twins="auto"), root=fake_root, evaluated="c3", grayscale=False, seed=0)
+    assert core_mod.jacobian_targets(off, datasets, names) == {}
+
+
+def test_jacobian_core_records_the_cosine_per_epoch(fake_root, cache):
+    plan = plan_core(_cc(distill_twins="auto", distill_jacobian=1.0, epochs=2), root=fake_root, evaluated="c3", grayscale=False, seed=0)
+    path, info = ensure_core(plan)
+    assert info["cache"] == "miss" and len(info["jacobian_cosine"]) == info["epochs_run"] == 2
+    assert all(-1.0 <= c <= 1.0 for c in info["jacobian_cosine"])
+    assert core_summary(info)["jacobian_cosine"] == info["jacobian_cosine"]
+    assert json.loads(path.with_name("core.json").read_text())["config"]["distill_jacobian"] == 1.0
 
 
 @pytest.mark.parametrize("limit", [10.0, None])

@@ -4,7 +4,7 @@ import torch
 from synth.errors import ConfigError
 from synth.runtime import torch_generator
 from synth.synthesis import PARAMS
-from synth.synthesis.params import color_matrix
+from synth.synthesis.params import color_matrix, fourier, fourier_scale
 
 
 @pytest.mark.parametrize("name", ["pixel", "fourier"])
@@ -131,3 +131,17 @@ def test_encode_clips_to_keep_sigmoid_finite_and_checks_shape():
     assert torch.allclose(y, x.clamp(0.01, 0.99), atol=1e-5)
     with pytest.raises(ValueError, match=r"\(B, 1, 8, 8\)"):
         param.encode(torch.rand(1, 3, 8, 8))
+
+
+def test_fourier_scale_is_the_fourier_params_preconditioner():
+
+    s = fourier_scale(16, 2.0)
+    assert s.shape == (16, 9) and s.dtype == torch.float32
+    assert abs(float(s.pow(2).mean().sqrt()) - 1.0) < 1e-5  # unit RMS
+    assert float(s[0, 1]) > float(s[0, 4]) > float(s[0, 8])  # falls with frequency
+    assert float(s[0, 0]) == float(s[0, 1])  # DC counted at the lowest frequency, not infinite
+    assert torch.allclose(fourier_scale(16, 0.0), torch.ones(16, 9))
+    p = fourier(decay_power=2.0, channels=1, size=16)
+    assert torch.allclose(p.scale * 2**0.5, s)
+    with pytest.raises(ValueError, match="decay_power"):
+        fourier_scale(16, -1.0)
