@@ -91,7 +91,8 @@ class CoreConfig:
         default=0.0,
         metadata={"min": 0.0, "help": "Jacobian matching: weight of 1 - cosine between the core's input gradient for one "
                   "teacher twin per distillation image and that twin's own, both seen through the fourier "
-                  "preconditioner (distill_jacobian_decay); the teachers' batches then take about 3x as long (0: off)"},
+                  "preconditioner (distill_jacobian_decay); the teachers' batches then take about 7x as long (0: off; "
+                  "on 201025 it did not improve control: README)"},
     )
     distill_jacobian_decay: float = field(
         default=2.5, metadata={"min": 0.0, "help": "decay_power of the fourier view in which Jacobians are compared (the synthesis param's)"}
@@ -510,7 +511,8 @@ def jacobian_targets(plan: CorePlan, datasets: Sequence[tuple[torch.Tensor, torc
         sites = torch.as_tensor(rng.integers(0, y.shape[1], size=x.shape[0]), dtype=torch.int64)
         grads = torch.empty(x.shape, dtype=torch.float16)
         t0 = time.perf_counter()
-        for site in progress(sites.unique().tolist(), desc=f"teacher gradients {t}", total=int(sites.unique().numel())):
+        drawn = sites.unique().tolist()
+        for site in progress(drawn, desc=f"teacher gradients {t}", total=len(drawn)):
             model = rec.site_model(site)
             rows = torch.nonzero(sites == site).flatten()
             for k in range(0, rows.numel(), batch_size):
