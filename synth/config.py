@@ -69,6 +69,21 @@ class StimuliSection:
     held_out_surrogate: bool = field(
         default=False, metadata={"help": "fit a second surrogate on another split and report its predictions too"}
     )
+    start: str = field(
+        default="noise",
+        metadata={
+            "choices": ("noise", "natural"),
+            "help": "noise: each image starts from its parameterization's random values; natural: from the natural image "
+            "that does best on its objective (a target's k-th seed from the k-th best), random values added",
+        },
+    )
+    start_rank_by: str = field(
+        default="surrogate",
+        metadata={
+            "choices": ("surrogate", "recorded"),
+            "help": "start: natural ranks the natural images by the surrogate's predictions or by the recorded responses",
+        },
+    )
 
     def __post_init__(self) -> None:
         if not (self.stretch or self.one_hot):

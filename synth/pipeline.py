@@ -359,7 +359,8 @@ def _run_stages(
 
     # ---- synthesize
     with timer("synthesize"):
-        stim_dir, guard = _synthesize_stage(cfg, run, model, site_ids, x, pred_nat, device, held_out)
+        starts = _natural_starts(cfg, site_ids, x, pred_nat, y.numpy(), nat.stimulus_id)
+        stim_dir, guard = _synthesize_stage(cfg, run, model, site_ids, x, pred_nat, device, held_out, starts)
 
     report: dict[str, Any] = {"fit": fit_report}
     if guard is not None:
@@ -502,14 +503,41 @@ def _fit_checkpointed(
     return model, info
 
 
+def _natural_starts(cfg: Config, site_ids: np.ndarray, x_nat: torch.Tensor, pred_nat: np.ndarray, recorded: np.ndarray, natural_ids: np.ndarray):
+    """``stimuli.start: natural``: a function from the jobs to their starting natural images
+    and those images' stimulus ids (None for noise starts). Ranked by the surrogate's
+    predictions or the recorded means (a site's missing means count as its mean)."""
+    if cfg.stimuli.start != "natural":
+        return None
+    from synth.synthesis.starts import rank_natural_starts
+
+    if cfg.stimuli.start_rank_by == "recorded":
+        resp = np.asarray(recorded, dtype=np.float64)
+        if np.isnan(resp).any():
+            resp = np.where(np.isnan(resp), np.nanmean(resp, axis=0, keepdims=True), resp)
+        resp = np.nan_to_num(resp)
+    else:
+        resp = np.asarray(pred_nat, dtype=np.float64)
+
+    def starts(jobs):
+        idx = rank_natural_starts(jobs, resp, site_ids=site_ids, images=x_nat, aliases=cfg.synthesis.objectives)
+        return idx, np.asarray(natural_ids).astype(str)[idx]
+
+    log.info("synthesis starts from the natural images ranked by the %s", "recorded responses" if cfg.stimuli.start_rank_by == "recorded" else "surrogate's predictions")
+    return starts
+
+
 def _synthesize_stage(
-    cfg: Config, run: RunDir, model, site_ids: np.ndarray, x_nat: torch.Tensor, pred_nat: np.ndarray, device: torch.device, held_out=None
+    cfg: Config, run: RunDir, model, site_ids: np.ndarray, x_nat: torch.Tensor, pred_nat: np.ndarray, device: torch.device, held_out=None,
+    starts=None,
 ) -> tuple[Path, dict[str, Any] | None]:
     """Synthesize all jobs in checkpointed batches, then write the stimulus set.
 
     With a held-out surrogate, every saved image is also scored by it (the ensemble
     guard): its predictions and a ``models_agree`` flag go into the manifest and
-    ``stimuli.npz``, and the returned summary into ``report.json``.
+    ``stimuli.npz``, and the returned summary into ``report.json``. With ``starts``
+    (:func:`_natural_starts`), each image starts from its natural image, whose stimulus
+    id goes into the manifest (``start_stimulus_id``).
     """
     from synth.data.stimuli import write_stimulus_set
     from synth.surrogate.fit import predict
@@ -545,6 +573,7 @@ def _synthesize_stage(
         rf_masks=rf,
     )
     channels = 1 if cfg.data.grayscale else 3
+    start_idx, start_ids = starts(jobs) if starts is not None else (None, None)
     bs = cfg.stimuli.batch_size
     batches = [jobs[i : i + bs] for i in range(0, len(jobs), bs)]
     ck_dir = run.path("checkpoints", "x").parent
@@ -558,7 +587,10 @@ def _synthesize_stage(
             with np.load(ck, allow_pickle=False) as z:
                 parts.append({k: z[k] for k in z.files})
             continue
-        res = synthesize(model, batch, cfg.synthesis, context=context, image_size=cfg.data.image_size, channels=channels, device=device)
+        init = None if start_idx is None else x_nat[torch.as_tensor(start_idx[b * bs : b * bs + len(batch)])]
+        res = synthesize(
+            model, batch, cfg.synthesis, context=context, image_size=cfg.data.image_size, channels=channels, device=device, init_images=init
+        )
         part = {
             "stimulus_id": np.array([j.stimulus_id for j in batch]),
             "images": res.images,
@@ -587,6 +619,8 @@ def _synthesize_stage(
         "steps": merged["steps"],
         "objective_value": merged["objective_value"],
     }
+    if start_ids is not None:
+        extra["start_stimulus_id"] = start_ids
     guard = None
     if held_out is not None:
         from synth.synthesis.scoring import ensemble_guard

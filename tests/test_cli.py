@@ -617,6 +617,53 @@ def test_refit_on_all_images_synthesizes_with_the_refitted_ensemble(tmp_path, ca
     assert set(_figures(text)) == {"surrogate_all.pt", "surrogate_member1_all.pt", "ensemble", "gradient_alignment"}, text
 
 
+@pytest.mark.parametrize("rank_by", ["surrogate", "recorded"])
+def test_natural_starts_begin_each_image_at_its_targets_best_natural_images(tmp_path, capsys, rank_by):
+    """stimuli.start: natural: a target's k-th image starts from its k-th best natural image
+    (ranked by the surrogate or the recording), named in the manifest, and stays near it."""
+    cfg = write_cfg(
+        tmp_path / "start.yaml", stimuli__start="natural", stimuli__start_rank_by=rank_by, stimuli__seeds_per_target=2, synthesis__steps=3
+    )
+    out = tmp_path / "start_run"
+    code, _, err = run_cli(["run", cfg, "--out", out, "--quiet"], capsys)
+    assert code == 0, err
+    import csv
+
+    from PIL import Image
+
+    from synth.runtime import derive_seed
+    from synth.targets import build_target
+    from synth.validation.control import one_hot_scores
+
+    nat = build_target(Path(TINY["target"]["file"]), overrides=TINY["target"]["params"]).natural(
+        image_size=32, grayscale=True, seed=derive_seed(TINY["seed"], "natural")
+    )
+    with np.load(out / "natural.npz") as z:
+        site_ids, resp = list(z["site_id"]), z["predicted"]
+    if rank_by == "recorded":
+        resp = nat.recording.mean().T
+    _, oh = one_hot_scores(resp.T, resp.T)  # (sites, images)
+    ids = np.asarray(nat.stimulus_id).astype(str)
+    rows = list(csv.DictReader(open(out / "manifest.csv")))
+    assert len(rows) == 6 * 2 * 2
+    flat = nat.images.flatten(1).numpy()
+    for row in rows:
+        t = site_ids.index(row["target_site"])
+        k = int(row["stimulus_id"].rsplit("_s", 1)[1])
+        score = resp[:, t] if row["objective"] == "stretch" else oh[t]
+        assert row["start_stimulus_id"] == ids[np.argsort(-score, kind="stable")[k]], row["stimulus_id"]
+        img = np.asarray(Image.open(out / row["file"]), dtype=np.float64).ravel() / 255
+        corr = [np.corrcoef(img, f)[0, 1] for f in flat]
+        assert int(np.argmax(corr)) == list(ids).index(row["start_stimulus_id"]), row["stimulus_id"]
+
+
+def test_noise_starts_name_no_start_image(tiny_run):
+    import csv
+
+    _, run = tiny_run
+    assert "start_stimulus_id" not in next(csv.DictReader(open(run / "manifest.csv")))
+
+
 def test_without_natural_rerecording_the_original_recording_gives_the_natural_statistics(tmp_path, capsys):
     cfg = write_cfg(tmp_path / "norerec.yaml", followup__record_natural=False)
     out = tmp_path / "norerec_run"
