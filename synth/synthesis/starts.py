@@ -63,7 +63,7 @@ def rank_natural_starts(
         - responses: ``(N, S)``
         - images: ``(N, C, H, W)``
     """
-    r = torch.as_tensor(np.asarray(responses) if not torch.is_tensor(responses) else responses, dtype=torch.float32).cpu()
+    r = torch.as_tensor(responses, dtype=torch.float32).cpu()
     if r.ndim != 2 or r.shape[0] < 1:
         raise ValueError(f"responses must be (natural images, sites) with at least one image, got shape {tuple(r.shape)}")
     n, s = r.shape
