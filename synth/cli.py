@@ -80,9 +80,10 @@ def _parser() -> argparse.ArgumentParser:
     bc = bsub.add_parser("ceiling", parents=[common], help="stimuli synthesized on the twins themselves: the recipe's ceiling",
                          description="Synthesize each site's stretch images on its own digital twin (or its one-hot images on "
                          "all the session's twins) with the config's synthesis recipe and score them on the twins (no trial "
-                         "noise): what a perfect surrogate would reach. Needs a target with twins (cowley2023 sessions "
+                         "noise): what a perfect surrogate would reach. With stimuli.start: natural each image starts from a natural "
+                         "image the twins rate best for its objective. Needs a target with twins (cowley2023 sessions "
                          "201025, 190923). One-hot images cost every twin at every step: about S times a stretch image.")
-    bc.add_argument("config", help="experiment YAML (its target, synthesis, stimuli.seeds_per_target, seed, device)")
+    bc.add_argument("config", help="experiment YAML (its target, synthesis, stimuli.seeds_per_target and start, seed, device)")
     bc.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a value")
     bc.add_argument("--sites", type=int, default=None, metavar="N", help="only the first N sites (a quick check)")
     bc.add_argument("--objective", choices=("stretch", "one_hot"), default="stretch", help="which images (default stretch)")
@@ -237,9 +238,9 @@ def _bench_ceiling(a: argparse.Namespace, write) -> int:
     nat, _ = load_natural(cfg, target)
     sites = None if a.sites is None else list(range(min(a.sites, len(recorder.site_ids))))
     write(f"{target.name}: {len(recorder.site_ids)} twins, {nat.images.shape[0]} natural images, device {device}, "
-          f"{cfg.synthesis.steps} steps, {cfg.stimuli.seeds_per_target} images per site")
+          f"{cfg.synthesis.steps} steps, {cfg.stimuli.seeds_per_target} images per site, {cfg.stimuli.start} starts")
     out = twin_ceiling(recorder, nat.images, cfg.synthesis, objective=a.objective, seeds_per_target=cfg.stimuli.seeds_per_target,
-                       seed=derive_seed(cfg.seed, "ceiling"), sites=sites, device=device, write=write)
+                       seed=derive_seed(cfg.seed, "ceiling"), sites=sites, device=device, write=write, start=cfg.stimuli.start)
     if a.objective == "one_hot":
         write(f"ceiling_one_hot_ratio: {out['median_score_ratio']:.3f}")
     else:

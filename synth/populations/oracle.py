@@ -40,6 +40,7 @@ def stretch_on_twin(
     natural: torch.Tensor,
     natural_y: torch.Tensor,
     device: torch.device | str = "cpu",
+    start: str = "noise",
 ) -> torch.Tensor:
     """Stretch images of one twin, synthesized on that twin (one batch, one image per seed).
 
@@ -52,6 +53,9 @@ def stretch_on_twin(
         natural: ``(N, C, H, W)`` natural images in [0, 1] (mean luminance, contrast, size).
         natural_y: ``(N, S)`` the recorder's expected responses to them (z-scoring).
         device: where to synthesize.
+        start: ``"noise"``, or ``"natural"``: the k-th image starts from the natural image
+            the twin responds to k-th most (as ``stimuli.start: natural`` with a perfect
+            surrogate).
 
     Returns:
         ``(len(seeds), C, H, W)`` images in [0, 1] at 8-bit levels (as saved), on the CPU.
@@ -64,20 +68,33 @@ def stretch_on_twin(
         raise ValueError(f"natural_y must have shape ({natural.shape[0]}, S), got {tuple(natural_y.shape)}")
     jobs = [Job(stimulus_id=f"twin{site}-{i}", objective="stretch", target_site=0, seed=int(s)) for i, s in enumerate(seeds)]
     return _synthesize_on(recorder.site_model(site), [str(recorder.site_ids[site])], natural_y[:, site : site + 1], jobs,
-                          dataclasses.replace(cfg, batch_size=max(1, len(seeds))), natural, device)
+                          dataclasses.replace(cfg, batch_size=max(1, len(seeds))), natural, device, start)
 
 
-def _synthesize_on(model, site_ids, natural_y: torch.Tensor, jobs, cfg, natural: torch.Tensor, device) -> torch.Tensor:
-    """``jobs`` synthesized on ``model`` (twins), z-scored by ``natural_y``; images in [0, 1] on the CPU."""
+STARTS = ("noise", "natural")
+
+
+def _synthesize_on(model, site_ids, natural_y: torch.Tensor, jobs, cfg, natural: torch.Tensor, device, start: str = "noise") -> torch.Tensor:
+    """``jobs`` synthesized on ``model`` (twins), z-scored by ``natural_y``; images in [0, 1] on the CPU.
+
+    With ``start="natural"`` each job starts from the natural image its objective rates
+    best by ``natural_y`` (k-th job of a target: k-th best; ``synth.synthesis.starts``)."""
     from synth.synthesis import ObjectiveContext, synthesize
 
+    if start not in STARTS:
+        raise ValueError(f"start must be one of {', '.join(STARTS)}, got {start!r}")
     _, c, h, w = natural.shape
     if h != w:
         raise ValueError(f"synthesis on twins expects square natural images, got {h} x {w}")
     if not jobs:
         return natural.new_empty((0, c, h, w))
     ctx = ObjectiveContext.from_predictions(site_ids, natural_y.float().cpu(), natural_images=natural)
-    res = synthesize(model, jobs, cfg, context=ctx, image_size=h, channels=c, device=device)
+    init = None
+    if start == "natural":
+        from synth.synthesis.starts import rank_natural_starts
+
+        init = natural[torch.as_tensor(rank_natural_starts(jobs, natural_y.float().cpu(), site_ids=site_ids, images=natural, aliases=cfg.objectives))]
+    res = synthesize(model, jobs, cfg, context=ctx, image_size=h, channels=c, device=device, init_images=init)
     return res.images_float().to(natural.dtype).cpu()
 
 
@@ -90,6 +107,7 @@ def one_hot_on_twins(
     natural: torch.Tensor,
     natural_y: torch.Tensor,
     device: torch.device | str = "cpu",
+    start: str = "noise",
 ) -> torch.Tensor:
     """One-hot images synthesized on all the recorder's twins (one image per site and seed).
 
@@ -104,6 +122,8 @@ def one_hot_on_twins(
         natural: ``(N, C, H, W)`` natural images in [0, 1].
         natural_y: ``(N, S)`` the recorder's expected responses to them.
         device: where to synthesize.
+        start: ``"noise"``, or ``"natural"``: a site's k-th image starts from the natural
+            image with its k-th best one-hot score by ``natural_y``.
 
     Returns:
         ``(len(sites), C, H, W)`` images in [0, 1] at 8-bit levels, on the CPU.
@@ -115,7 +135,7 @@ def one_hot_on_twins(
     if natural_y.ndim != 2 or natural_y.shape != (natural.shape[0], len(recorder.site_ids)):
         raise ValueError(f"natural_y must have shape ({natural.shape[0]}, {len(recorder.site_ids)}), got {tuple(natural_y.shape)}")
     jobs = [Job(stimulus_id=f"one_hot{t}-{i}", objective="one_hot", target_site=int(t), seed=int(s)) for i, (t, s) in enumerate(zip(sites, seeds))]
-    return _synthesize_on(recorder.population_model(), [str(s) for s in recorder.site_ids], natural_y, jobs, cfg, natural, device)
+    return _synthesize_on(recorder.population_model(), [str(s) for s in recorder.site_ids], natural_y, jobs, cfg, natural, device, start)
 
 
 OBJECTIVES = ("stretch", "one_hot")
@@ -132,6 +152,7 @@ def twin_ceiling(
     sites: Sequence[int] | None = None,
     device: torch.device | str = "cpu",
     write: Callable[[str], None] | None = None,
+    start: str = "noise",
 ) -> dict[str, Any]:
     """Synthesis on the twins themselves with the recipe ``cfg``, scored by them without noise.
 
@@ -154,6 +175,9 @@ def twin_ceiling(
         sites: target columns (default all); one-hot scores are always over all sites.
         device: where to synthesize and score.
         write: called with one line per progress report and the result.
+        start: ``"noise"`` or ``"natural"`` (each image starts from a natural image the
+            twins rate best for its objective, as ``stimuli.start: natural`` would with a
+            perfect surrogate).
 
     Returns:
         ``n_sites``, ``seconds``, ``site_id``, and for stretch ``fraction_above_natural_max``,
@@ -165,20 +189,22 @@ def twin_ceiling(
         raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     if seeds_per_target < 1:
         raise ValueError(f"seeds_per_target must be >= 1, got {seeds_per_target}")
+    if start not in STARTS:
+        raise ValueError(f"start must be one of {', '.join(STARTS)}, got {start!r}")
     write = write or (lambda line: log.info("%s", line))
     natural_y = recorder.expected(natural).float().cpu()
     sites = list(range(natural_y.shape[1])) if sites is None else [int(s) for s in sites]
     t0 = time.perf_counter()
     run = _one_hot_ceiling if objective == "one_hot" else _stretch_ceiling
-    out, summary = run(recorder, natural, natural_y, cfg, sites, seeds_per_target, seed, device)
-    out.update(objective=objective, n_sites=len(sites), seeds_per_target=int(seeds_per_target),
+    out, summary = run(recorder, natural, natural_y, cfg, sites, seeds_per_target, seed, device, start)
+    out.update(objective=objective, start=start, n_sites=len(sites), seeds_per_target=int(seeds_per_target),
                seconds=round(time.perf_counter() - t0, 1), site_id=[str(recorder.site_ids[s]) for s in sites])
     on = f"one-hot synthesized on all {natural_y.shape[1]} twins" if objective == "one_hot" else "stretch synthesized on each twin itself"
-    write(f"ceiling ({on}, best of {seeds_per_target}, no trial noise): {summary}, {out['seconds']:.0f} s")
+    write(f"ceiling ({on}, {start} starts, best of {seeds_per_target}, no trial noise): {summary}, {out['seconds']:.0f} s")
     return out
 
 
-def _stretch_ceiling(recorder, natural, natural_y, cfg, sites, seeds_per_target, seed, device) -> tuple[dict[str, Any], str]:
+def _stretch_ceiling(recorder, natural, natural_y, cfg, sites, seeds_per_target, seed, device, start) -> tuple[dict[str, Any], str]:
     """Stretch images for ``sites``, each on its own twin, scored against the twin's natural maximum."""
     from synth.progress import progress
 
@@ -186,7 +212,7 @@ def _stretch_ceiling(recorder, natural, natural_y, cfg, sites, seeds_per_target,
     best = np.empty(len(sites))
     for k, site in enumerate(progress(sites, desc="ceiling", total=len(sites))):
         seeds = [derive_seed(seed, "ceiling", site, j) for j in range(seeds_per_target)]
-        images = stretch_on_twin(recorder, site, seeds, cfg, natural=natural, natural_y=natural_y, device=device)
+        images = stretch_on_twin(recorder, site, seeds, cfg, natural=natural, natural_y=natural_y, device=device, start=start)
         best[k] = float(recorder.expected(images)[:, site].max())
     nm = nat_max[sites]
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -200,7 +226,7 @@ def _stretch_ceiling(recorder, natural, natural_y, cfg, sites, seeds_per_target,
     return out, f"{int(np.sum(best > nm))} of {len(sites)} sites above their natural max, median gain {out['median_gain']:+.3f}"
 
 
-def _one_hot_ceiling(recorder, natural, natural_y, cfg, sites, seeds_per_target, seed, device) -> tuple[dict[str, Any], str]:
+def _one_hot_ceiling(recorder, natural, natural_y, cfg, sites, seeds_per_target, seed, device, start) -> tuple[dict[str, Any], str]:
     """One-hot images for ``sites`` on all twins (in chunks of ``cfg.batch_size`` sites' images), scored."""
     from synth.progress import progress
     from synth.validation.control import one_hot_scores
@@ -211,7 +237,7 @@ def _one_hot_ceiling(recorder, natural, natural_y, cfg, sites, seeds_per_target,
     for chunk in progress(chunks, desc="ceiling", total=len(chunks)):
         targets = [t for t in chunk for _ in range(seeds_per_target)]
         seeds = [derive_seed(seed, "ceiling-one-hot", t, j) for t in chunk for j in range(seeds_per_target)]
-        images.append(one_hot_on_twins(recorder, targets, seeds, cfg, natural=natural, natural_y=natural_y, device=device))
+        images.append(one_hot_on_twins(recorder, targets, seeds, cfg, natural=natural, natural_y=natural_y, device=device, start=start))
     syn = recorder.expected(torch.cat(images)).double().numpy()  # (len(sites) * k, S)
     soft_nat, soft_syn = one_hot_scores(natural_y.double().numpy().T, syn.T)
     rows = np.asarray(sites)

@@ -117,6 +117,53 @@ def test_twin_ceiling_one_hot_scores_as_validate_does():
         oracle.twin_ceiling(rec, x, from_dict(SynthesisConfig, CFG), objective="suppress")
 
 
+def _closest_natural(images: torch.Tensor, natural: torch.Tensor) -> np.ndarray:
+    """Index of the natural image each image correlates with most (pixels)."""
+    a = images.flatten(1).double()
+    b = natural.flatten(1).double()
+    a = (a - a.mean(1, keepdim=True)) / a.std(1, keepdim=True)
+    b = (b - b.mean(1, keepdim=True)) / b.std(1, keepdim=True)
+    return (a @ b.T).argmax(1).numpy()
+
+
+def test_natural_starts_on_the_twins_begin_at_the_twins_best_natural_images():
+    from synth.validation.control import one_hot_scores
+
+    rec, x = _recorder()
+    cfg = from_dict(SynthesisConfig, CFG)
+    y = rec.expected(x)
+    # stretch: the k-th image of a twin starts from the natural image it responds to k-th most
+    a = oracle.stretch_on_twin(rec, 1, [3, 4, 5], cfg, natural=x, natural_y=y, start="natural")
+    order = np.argsort(-y[:, 1].numpy(), kind="stable")
+    np.testing.assert_array_equal(_closest_natural(a, x), order[:3])
+    noise = oracle.stretch_on_twin(rec, 1, [3, 4, 5], cfg, natural=x, natural_y=y)
+    assert float((a - noise).abs().mean()) > 0.02
+    z = (rec.expected(a)[:, 1] - y[:, 1].mean()) / y[:, 1].std()
+    assert float(z.min()) > 2.0  # still driven far above the natural mean
+    # one-hot: a target's k-th image starts from its k-th best natural image by one-hot score
+    b = oracle.one_hot_on_twins(rec, [0, 0, 1], [3, 4, 5], cfg, natural=x, natural_y=y, start="natural")
+    soft_nat, _ = one_hot_scores(y.double().numpy().T, np.zeros((2, 0)))
+    o0, o1 = np.argsort(-soft_nat[0], kind="stable"), np.argsort(-soft_nat[1], kind="stable")
+    np.testing.assert_array_equal(_closest_natural(b, x), [o0[0], o0[1], o1[0]])
+    with pytest.raises(ValueError, match="start must be one of noise, natural"):
+        oracle.stretch_on_twin(rec, 1, [3], cfg, natural=x, natural_y=y, start="best")
+
+
+def test_twin_ceiling_with_natural_starts():
+    rec, x = _recorder()
+    lines: list[str] = []
+    cfg = from_dict(SynthesisConfig, CFG)
+    out = oracle.twin_ceiling(rec, x, cfg, seeds_per_target=2, seed=1, write=lines.append, start="natural")
+    assert out["start"] == "natural" and "natural starts" in lines[0]
+    # the same images as stretch_on_twin's with natural starts, scored by the twin
+    seeds = [oracle.derive_seed(1, "ceiling", 0, j) for j in range(2)]
+    imgs = oracle.stretch_on_twin(rec, 0, seeds, cfg, natural=x, natural_y=rec.expected(x), start="natural")
+    assert out["best"][0] == pytest.approx(float(rec.expected(imgs)[:, 0].max()), rel=1e-5)
+    assert oracle.twin_ceiling(rec, x, cfg, seeds_per_target=2, seed=1)["start"] == "noise"
+    with pytest.raises(ValueError, match="start must be one of noise, natural"):
+        oracle.twin_ceiling(rec, x, cfg, start="top")
+
+
 @requires_cowley
 def test_bench_ceiling_on_real_twins(capsys):
     from synth.cli import main
@@ -127,6 +174,7 @@ def test_bench_ceiling_on_real_twins(capsys):
     out = capsys.readouterr().out.strip().splitlines()
     assert code == 0
     assert out[0].startswith("cowley2023") and "33 twins" in out[0] and "16 steps" in out[0]
+    assert "natural starts" in out[0] and "natural starts" in out[1]  # the shipped config's stimuli.start
     assert "of 2 sites above their natural max" in out[1]
     frac = float(out[-1].split("ceiling_stretch_fraction:")[1])
     assert frac in (0.0, 0.5, 1.0)  # two sites
