@@ -30,6 +30,7 @@ from synth.configtools import from_dict, to_dict
 from synth.errors import ConfigError
 from synth.surrogate.fit import FitConfig
 from synth.synthesis.config import SynthesisConfig
+from synth.synthesis.starts import STARTS
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
@@ -72,7 +73,7 @@ class StimuliSection:
     start: str = field(
         default="noise",
         metadata={
-            "choices": ("noise", "natural"),
+            "choices": STARTS,
             "help": "noise: each image starts from its parameterization's random values; natural: from the natural image "
             "that does best on its objective (a target's k-th seed from the k-th best), random values added",
         },

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from synth.runtime import derive_seed
+from synth.synthesis.starts import STARTS, rank_natural_starts
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +72,6 @@ def stretch_on_twin(
                           dataclasses.replace(cfg, batch_size=max(1, len(seeds))), natural, device, start)
 
 
-STARTS = ("noise", "natural")
-
-
 def _synthesize_on(model, site_ids, natural_y: torch.Tensor, jobs, cfg, natural: torch.Tensor, device, start: str = "noise") -> torch.Tensor:
     """``jobs`` synthesized on ``model`` (twins), z-scored by ``natural_y``; images in [0, 1] on the CPU.
 
@@ -91,8 +89,6 @@ def _synthesize_on(model, site_ids, natural_y: torch.Tensor, jobs, cfg, natural:
     ctx = ObjectiveContext.from_predictions(site_ids, natural_y.float().cpu(), natural_images=natural)
     init = None
     if start == "natural":
-        from synth.synthesis.starts import rank_natural_starts
-
         init = natural[torch.as_tensor(rank_natural_starts(jobs, natural_y.float().cpu(), site_ids=site_ids, images=natural, aliases=cfg.objectives))]
     res = synthesize(model, jobs, cfg, context=ctx, image_size=h, channels=c, device=device, init_images=init)
     return res.images_float().to(natural.dtype).cpu()

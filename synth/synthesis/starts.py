@@ -29,7 +29,10 @@ import torch
 from synth.synthesis.jobs import Job
 from synth.synthesis.objectives import ObjectiveInputs, build_objective, resolve_spec, spec_key
 
-__all__ = ["rank_natural_starts"]
+__all__ = ["STARTS", "rank_natural_starts"]
+
+#: Where an image's optimization can start (``stimuli.start``).
+STARTS = ("noise", "natural")
 
 
 def rank_natural_starts(
