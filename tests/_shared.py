@@ -74,3 +74,18 @@ def random_twin_state(counts: list[int], seed: int, *, unit_bn: bool = False):
         else:
             out[k] = 0.2 * torch.randn(v.shape, generator=g, dtype=v.dtype)
     return out
+
+
+def closest_natural(images, natural):
+    """Index of the natural image each image correlates with most (Pearson r over pixels).
+
+    Args:
+        images: ``(M, ...)`` array or tensor; natural: ``(N, ...)`` with the same pixels per image.
+    """
+    import numpy as np
+
+    a = np.asarray(images, dtype=np.float64).reshape(len(images), -1)
+    b = np.asarray(natural, dtype=np.float64).reshape(len(natural), -1)
+    a = (a - a.mean(1, keepdims=True)) / a.std(1, keepdims=True)
+    b = (b - b.mean(1, keepdims=True)) / b.std(1, keepdims=True)
+    return (a @ b.T).argmax(1)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _shared import cowley_root, random_twin_state, requires_cowley
+from _shared import closest_natural, cowley_root, random_twin_state, requires_cowley
 from synth.configtools import from_dict
 from synth.data.recordings import Recording
 from synth.populations import oracle, twins
@@ -117,15 +117,6 @@ def test_twin_ceiling_one_hot_scores_as_validate_does():
         oracle.twin_ceiling(rec, x, from_dict(SynthesisConfig, CFG), objective="suppress")
 
 
-def _closest_natural(images: torch.Tensor, natural: torch.Tensor) -> np.ndarray:
-    """Index of the natural image each image correlates with most (pixels)."""
-    a = images.flatten(1).double()
-    b = natural.flatten(1).double()
-    a = (a - a.mean(1, keepdim=True)) / a.std(1, keepdim=True)
-    b = (b - b.mean(1, keepdim=True)) / b.std(1, keepdim=True)
-    return (a @ b.T).argmax(1).numpy()
-
-
 def test_natural_starts_on_the_twins_begin_at_the_twins_best_natural_images():
     from synth.validation.control import one_hot_scores
 
@@ -135,7 +126,7 @@ def test_natural_starts_on_the_twins_begin_at_the_twins_best_natural_images():
     # stretch: the k-th image of a twin starts from the natural image it responds to k-th most
     a = oracle.stretch_on_twin(rec, 1, [3, 4, 5], cfg, natural=x, natural_y=y, start="natural")
     order = np.argsort(-y[:, 1].numpy(), kind="stable")
-    np.testing.assert_array_equal(_closest_natural(a, x), order[:3])
+    np.testing.assert_array_equal(closest_natural(a, x), order[:3])
     noise = oracle.stretch_on_twin(rec, 1, [3, 4, 5], cfg, natural=x, natural_y=y)
     assert float((a - noise).abs().mean()) > 0.02
     z = (rec.expected(a)[:, 1] - y[:, 1].mean()) / y[:, 1].std()
@@ -144,7 +135,7 @@ def test_natural_starts_on_the_twins_begin_at_the_twins_best_natural_images():
     b = oracle.one_hot_on_twins(rec, [0, 0, 1], [3, 4, 5], cfg, natural=x, natural_y=y, start="natural")
     soft_nat, _ = one_hot_scores(y.double().numpy().T, np.zeros((2, 0)))
     o0, o1 = np.argsort(-soft_nat[0], kind="stable"), np.argsort(-soft_nat[1], kind="stable")
-    np.testing.assert_array_equal(_closest_natural(b, x), [o0[0], o0[1], o1[0]])
+    np.testing.assert_array_equal(closest_natural(b, x), [o0[0], o0[1], o1[0]])
     with pytest.raises(ValueError, match="start must be one of noise, natural"):
         oracle.stretch_on_twin(rec, 1, [3], cfg, natural=x, natural_y=y, start="best")
 
