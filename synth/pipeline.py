@@ -542,6 +542,7 @@ def _synthesize_stage(
     from synth.data.stimuli import write_stimulus_set
     from synth.surrogate.fit import predict
     from synth.synthesis import Job, ObjectiveContext, synthesize
+    from synth.synthesis.jobs import natural_statistics
 
     sites = list(site_ids) if cfg.stimuli.sites is None else list(cfg.stimuli.sites)
     unknown = [s for s in sites if s not in set(site_ids)]
@@ -564,10 +565,11 @@ def _synthesize_stage(
     if hasattr(model, "receptive_fields"):
         with torch.no_grad():
             rf = model.receptive_fields().detach().cpu()
+    natural_mean, natural_std = natural_statistics(pred_nat)
     context = ObjectiveContext(
         site_ids=site_ids,
-        natural_mean=torch.as_tensor(pred_nat.mean(axis=0), dtype=torch.float32),
-        natural_std=torch.as_tensor(pred_nat.std(axis=0) + 1e-6, dtype=torch.float32),
+        natural_mean=natural_mean,
+        natural_std=natural_std,
         luminance=float(lum.mean()),
         contrast=float(con.mean()),
         rf_masks=rf,

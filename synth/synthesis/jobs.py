@@ -30,6 +30,33 @@ class Job:
     seed: int
 
 
+def natural_statistics(responses: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-site statistics objectives z-score with: mean and standard deviation over
+    the natural images.
+
+    One definition for every place that z-scores an objective (the synthesis context, the
+    ranking of natural start images): the population standard deviation plus 1e-6, so it
+    is > 0 even for a site that never varies.
+
+    Args:
+        responses: ``(N, S)`` responses of S sites to N >= 1 natural images.
+
+    Returns:
+        ``(mean, std)``, each ``(S,)`` float32.
+
+    Example:
+        >>> m, s = natural_statistics(np.array([[1.0, 2.0], [3.0, 2.0]]))
+        >>> m.tolist(), [round(v, 6) for v in s.tolist()]
+        ([2.0, 2.0], [1.000001, 1e-06])
+    """
+    if isinstance(responses, torch.Tensor):
+        responses = responses.detach().cpu().numpy()
+    r = np.asarray(responses, dtype=np.float64)  # computed in float64, returned as float32
+    if r.ndim != 2 or r.shape[0] < 1:
+        raise ValueError(f"responses must be (natural images, sites) with at least one image, got shape {r.shape}")
+    return torch.as_tensor(r.mean(axis=0), dtype=torch.float32), torch.as_tensor(r.std(axis=0) + 1e-6, dtype=torch.float32)
+
+
 @dataclass(frozen=True)
 class ObjectiveContext:
     """What objectives and constraints need to know about the natural image set.
@@ -75,13 +102,13 @@ class ObjectiveContext:
         rf_masks: torch.Tensor | None = None,
     ) -> "ObjectiveContext":
         """Build from predicted natural responses ``(N, S)`` (and the natural images ``(N, C, H, W)``)."""
-        p = torch.as_tensor(np.asarray(natural_pred), dtype=torch.float32)
+        mean, std = natural_statistics(natural_pred)
         lum, con = 0.5, 0.2
         if natural_images is not None:
             x = natural_images.float().flatten(1)
             lum = float(x.mean(1).mean())
             con = float(x.std(1, unbiased=False).mean())
-        return cls(site_ids=np.asarray(site_ids).astype(str), natural_mean=p.mean(0), natural_std=p.std(0, unbiased=False) + 1e-6, luminance=lum, contrast=con, rf_masks=rf_masks)
+        return cls(site_ids=np.asarray(site_ids).astype(str), natural_mean=mean, natural_std=std, luminance=lum, contrast=con, rf_masks=rf_masks)
 
 
 @dataclass

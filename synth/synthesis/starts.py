@@ -26,7 +26,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from synth.synthesis.jobs import Job
+from synth.synthesis.jobs import Job, natural_statistics
 from synth.synthesis.objectives import ObjectiveInputs, build_objective, resolve_spec, spec_key
 
 __all__ = ["STARTS", "rank_natural_starts"]
@@ -47,7 +47,7 @@ def rank_natural_starts(
     """The natural image each job starts from (module docstring).
 
     Objectives are z-scored by the mean and standard deviation of ``responses`` over
-    the natural images themselves. Objectives that couple images (diversity) count 0 here.
+    the natural images themselves (``natural_statistics``, as the synthesis context does). Objectives that couple images (diversity) count 0 here.
 
     Args:
         jobs: the jobs to synthesize.
@@ -76,9 +76,7 @@ def rank_natural_starts(
         raise ValueError("responses contain NaN or infinite values")
     if images is not None and images.shape[0] != n:
         raise ValueError(f"images has {images.shape[0]} natural images but responses has {n}")
-    mean = r.mean(0)
-    std = r.std(0) if n > 1 else torch.ones(s)
-    std = torch.where(std > 0, std, torch.ones_like(std))
+    mean, std = natural_statistics(responses)  # the statistics the synthesis objective z-scores with
     out = np.zeros(len(jobs), dtype=np.int64)
     order: dict[tuple[str, int], np.ndarray] = {}
     taken: dict[tuple[str, int], int] = {}

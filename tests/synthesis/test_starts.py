@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from synth.synthesis import Job
+from synth.synthesis import Job, ObjectiveContext
 from synth.synthesis.starts import rank_natural_starts
 
 SITES = ["a", "b", "c"]
@@ -18,7 +18,9 @@ def _responses(n: int = 40, seed: int = 0) -> torch.Tensor:
 
 
 def _softmax_z(r: torch.Tensor) -> torch.Tensor:
-    z = (r - r.mean(0)) / r.std(0)
+    """The one-hot objective's softmax, z-scored as the synthesis context z-scores."""
+    ctx = ObjectiveContext.from_predictions(SITES, r)
+    z = (r - ctx.natural_mean) / ctx.natural_std
     return torch.softmax(z, dim=1)
 
 
@@ -41,6 +43,18 @@ def test_one_hot_ranks_by_the_softmax_of_z_scores_not_by_the_raw_response():
     assert idx.tolist() == want
     assert 0 not in idx.tolist()
     assert rank_natural_starts([Job("s", "stretch", 0, 0)], r, site_ids=SITES).tolist() == [0]
+
+
+def test_one_hot_ranks_with_the_synthesis_contexts_statistics():
+    # Four natural images: the sample and the population standard deviation differ by
+    # sqrt(4/3), enough to reorder this set's one-hot scores (seed found by search);
+    # the ranking must z-score as the objective being climbed does.
+    r = _responses(n=4, seed=44)
+    sample_z = torch.softmax((r - r.mean(0)) / r.std(0), dim=1)[:, 0]
+    want = torch.argsort(_softmax_z(r)[:, 0], descending=True).tolist()
+    assert want != torch.argsort(sample_z, descending=True).tolist()
+    jobs = [Job(f"oh_{k}", "one_hot", 0, k) for k in range(4)]
+    assert rank_natural_starts(jobs, r, site_ids=SITES).tolist() == want
 
 
 def test_groups_are_independent_of_other_jobs_and_aliases_resolve():
@@ -85,3 +99,19 @@ def test_bad_input_is_refused_with_a_clear_message(kwargs, needle):
     args = {"jobs": [Job("a", "stretch", 0, 0)], "responses": torch.rand(4, 3), "site_ids": SITES, **kwargs}
     with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace(")", r"\)")):
         rank_natural_starts(**args)
+
+
+def test_natural_statistics_are_the_population_mean_and_sd_in_float64():
+    from synth.synthesis.jobs import natural_statistics
+
+    r = np.array([[1.0, 2.0], [3.0, 2.0], [2.0, 2.0]])
+    mean, std = natural_statistics(r)
+    assert mean.dtype == std.dtype == torch.float32
+    assert torch.equal(mean, torch.tensor([2.0, 2.0]))
+    # population sd (not the sample's), + 1e-6 so that a constant site stays > 0
+    assert torch.allclose(std, torch.tensor([np.sqrt(2 / 3) + 1e-6, 1e-6], dtype=torch.float32), rtol=0, atol=1e-7)
+    assert torch.equal(natural_statistics(torch.as_tensor(r))[1], std)
+    ctx = ObjectiveContext.from_predictions(["a", "b"], r)
+    assert torch.equal(ctx.natural_mean, mean) and torch.equal(ctx.natural_std, std)
+    with pytest.raises(ValueError, match="natural images, sites"):
+        natural_statistics(np.zeros(3))
