@@ -47,7 +47,8 @@ def rank_natural_starts(
     """The natural image each job starts from (module docstring).
 
     Objectives are z-scored by the mean and standard deviation of ``responses`` over
-    the natural images themselves (``natural_statistics``, as the synthesis context does). Objectives that couple images (diversity) count 0 here.
+    the natural images themselves (``natural_statistics``, as the synthesis context
+    does). Objectives that couple images (diversity) count 0 here.
 
     Args:
         jobs: the jobs to synthesize.
