@@ -542,7 +542,6 @@ def _synthesize_stage(
     from synth.data.stimuli import write_stimulus_set
     from synth.surrogate.fit import predict
     from synth.synthesis import Job, ObjectiveContext, synthesize
-    from synth.synthesis.jobs import natural_statistics
 
     sites = list(site_ids) if cfg.stimuli.sites is None else list(cfg.stimuli.sites)
     unknown = [s for s in sites if s not in set(site_ids)]
@@ -559,21 +558,11 @@ def _synthesize_stage(
             for k in range(cfg.stimuli.seeds_per_target):
                 sid = f"{kind}_{s}_s{k}"
                 jobs.append(Job(stimulus_id=sid, objective=kind, target_site=index[s], seed=derive_seed(cfg.seed, "synth", sid)))
-    lum = x_nat.mean(dim=(1, 2, 3))
-    con = x_nat.flatten(1).std(dim=1)
     rf = None
     if hasattr(model, "receptive_fields"):
         with torch.no_grad():
             rf = model.receptive_fields().detach().cpu()
-    natural_mean, natural_std = natural_statistics(pred_nat)
-    context = ObjectiveContext(
-        site_ids=site_ids,
-        natural_mean=natural_mean,
-        natural_std=natural_std,
-        luminance=float(lum.mean()),
-        contrast=float(con.mean()),
-        rf_masks=rf,
-    )
+    context = ObjectiveContext.from_predictions(site_ids, pred_nat, natural_images=x_nat, rf_masks=rf)
     channels = 1 if cfg.data.grayscale else 3
     start_idx, start_ids = starts(jobs) if starts is not None else (None, None)
     bs = cfg.stimuli.batch_size

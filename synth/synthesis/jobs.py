@@ -101,13 +101,19 @@ class ObjectiveContext:
         natural_images: torch.Tensor | None = None,
         rf_masks: torch.Tensor | None = None,
     ) -> "ObjectiveContext":
-        """Build from predicted natural responses ``(N, S)`` (and the natural images ``(N, C, H, W)``)."""
+        """Build from predicted natural responses ``(N, S)`` (and the natural images ``(N, C, H, W)``).
+
+        The z-scoring statistics are :func:`natural_statistics`; the luminance and contrast
+        targets are the natural images' mean luminance and RMS contrast as
+        :func:`synth.synthesis.image_stats` measures every image (population sd).
+        """
+        from synth.synthesis.constraints import image_stats  # (constraints imports this module)
+
         mean, std = natural_statistics(natural_pred)
         lum, con = 0.5, 0.2
-        if natural_images is not None:
-            x = natural_images.float().flatten(1)
-            lum = float(x.mean(1).mean())
-            con = float(x.std(1, unbiased=False).mean())
+        if natural_images is not None:  # measured as the constraints measure each image
+            lum_i, con_i = image_stats(natural_images)
+            lum, con = float(lum_i.mean()), float(con_i.mean())
         return cls(site_ids=np.asarray(site_ids).astype(str), natural_mean=mean, natural_std=std, luminance=lum, contrast=con, rf_masks=rf_masks)
 
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from synth.runtime import resolve_device
+from synth.synthesis.jobs import natural_statistics
 
 
 def as_float_images(images: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -133,9 +134,10 @@ def ensemble_guard(
 
     def z(pred: np.ndarray, nat: np.ndarray) -> np.ndarray:
         nat = np.asarray(nat, dtype=np.float64)
-        if nat.ndim != 2 or nat.shape[1] != s:
-            raise ValueError(f"natural predictions must have shape (M, {s}), got {nat.shape}")
-        zz = (pred - nat.mean(0)) / (nat.std(0) + 1e-9)
+        if nat.ndim != 2 or nat.shape[1] != s or nat.shape[0] < 1:
+            raise ValueError(f"natural predictions must have shape (M, {s}) with M >= 1, got {nat.shape}")
+        mean, std = natural_statistics(nat)  # as the synthesis objective z-scores
+        zz = (pred - mean.numpy().astype(np.float64)) / std.numpy().astype(np.float64)
         return zz[np.arange(n), target_index]
 
     z_primary = z(predicted, natural_predicted)

@@ -127,3 +127,14 @@ def test_config_errors():
         from_dict(ConstraintsConfig, {"luminance": "bright"})
     with pytest.raises(ConfigError, match="contrast"):
         from_dict(ConstraintsConfig, {"contrast": 1.5})
+
+
+def test_context_targets_are_the_natural_images_statistics_as_the_constraints_measure_them():
+    from synth.synthesis import ObjectiveContext
+
+    x = torch.rand(5, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    ctx = ObjectiveContext.from_predictions(["a"], np.ones((5, 1)), natural_images=x)
+    lum, con = image_stats(x)
+    assert ctx.luminance == pytest.approx(float(lum.mean()), abs=1e-7)
+    assert ctx.contrast == pytest.approx(float(con.mean()), abs=1e-7)  # population sd, not the sample sd
+    assert abs(ctx.contrast - float(x.flatten(1).std(1).mean())) > 1e-4

@@ -69,3 +69,21 @@ def test_ensemble_guard_scale_free_and_flags_disagreement():
     assert moved.any() and not out["models_agree"][moved].any()
     with pytest.raises(ValueError):
         ensemble_guard(same, imgs, targets[:3], pred, nat_p, nat_s)
+
+
+def test_ensemble_guard_z_scores_as_the_synthesis_objective_does():
+    # target_z is the z-score the synthesis objective climbed: the synthesis context's
+    # statistics (population sd + 1e-6), also for a site whose natural predictions never vary
+    from synth.synthesis import ObjectiveContext
+
+    m = TinySurrogate(2, channels=1)
+    imgs = _u8(natural_like(2, 1, 24, seed=5))
+    pred = np.array([[3.0, 1.5], [2.0, 4.0]])
+    nat = np.array([[1.0, 2.0], [3.0, 2.0], [2.0, 2.0]])  # site 1 is constant over the natural set
+    out = ensemble_guard(m, imgs, np.array([0, 1]), pred, nat, nat)
+    ctx = ObjectiveContext.from_predictions(["a", "b"], nat)
+    want = (pred - ctx.natural_mean.double().numpy()) / ctx.natural_std.double().numpy()
+    assert np.allclose(out["target_z"], [want[0, 0], want[1, 1]], rtol=1e-6)
+    assert abs(out["target_z"][1] - 2.0 / 1e-6) < 1.0  # not 2 / 1e-9
+    with pytest.raises(ValueError, match="M >= 1"):
+        ensemble_guard(m, imgs, np.array([0, 1]), pred, nat[:0], nat)
