@@ -134,9 +134,9 @@ def ensemble_guard(
 
     def z(pred: np.ndarray, nat: np.ndarray) -> np.ndarray:
         nat = np.asarray(nat, dtype=np.float64)
-        if nat.ndim != 2 or nat.shape[1] != s or nat.shape[0] < 1:
-            raise ValueError(f"natural predictions must have shape (M, {s}) with M >= 1, got {nat.shape}")
-        mean, std = natural_statistics(nat)  # as the synthesis objective z-scores
+        if nat.ndim != 2 or nat.shape[1] != s:
+            raise ValueError(f"natural predictions must have shape (M, {s}), got {nat.shape}")
+        mean, std = natural_statistics(nat)  # as the synthesis objective z-scores (checks M >= 1)
         zz = (pred - mean.numpy().astype(np.float64)) / std.numpy().astype(np.float64)
         return zz[np.arange(n), target_index]
 
