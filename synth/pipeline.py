@@ -399,6 +399,9 @@ def _run_stages(
             log.info("followup.record_natural is false: natural-set statistics from the original recording")
             followup = nat.recording.concat(followup)
         followup.save(run.path("followup.npz"))
+        noise_info = getattr(recorder, "noise_info", None)
+        if callable(noise_info):
+            report["trial_noise"] = noise_info()
 
     # ---- validate (the same code as `synth validate`)
     with timer("validate"):

@@ -3,7 +3,8 @@
 The compact models published with the data (one small CNN per recorded neuron of
 sessions 190923 and 201025) stand in for the follow-up recording: each is calibrated to
 its neuron with a linear fit on the session's natural images, and ``record`` draws
-Poisson spike counts around the calibrated rate.
+spike counts around the calibrated rate (Poisson, or with the trial spread measured on
+recorded single trials: ``synth.populations.trialnoise``).
 
 Rule: a session's own twins are only its follow-up recorder; they are never used to fit
 or select its surrogate (the surrogate sees only the recorded natural responses).
@@ -51,6 +52,7 @@ from synth.data import cowley
 from synth.data.recordings import Recording
 from synth.errors import ConfigError, DataError
 from synth.populations.base import TARGETS, NaturalData
+from synth.populations.trialnoise import FanoTable, draw_counts, measure_fano
 from synth.runtime import array_sha256, derive_seed, file_sha256, progress
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,8 @@ BN_EPS = 1e-5
 KERAS_BN_EPS = 1e-3
 #: Input side length of the twins.
 TWIN_SIZE = 112
+#: Trial-noise models of ``TwinRecorder.record`` (``followup_noise``).
+NOISES = ("poisson", "measured", "none")
 #: Bump when the twin computation changes (invalidates cached twin outputs).
 IMPL_VERSION = 2
 _N_LAYERS = 5
@@ -400,18 +404,21 @@ class TwinRecorder:
     """Follow-up recorder made of calibrated digital twins (implements ``Recorder``).
 
     ``expected(x) = max(0, slope * twin(x) + intercept)`` per site; ``record`` draws
-    Poisson counts around it (or returns it exactly with ``noise="none"``). Noise for an
+    Poisson counts around it, or counts with the measured variance-to-mean relation
+    ``fano`` (``noise="measured"``), or returns it exactly (``noise="none"``). Noise for an
     image depends only on ``(seed, stimulus_id)``.
     """
 
     ensemble: TwinEnsemble
     slope: np.ndarray
     intercept: np.ndarray
-    noise: Literal["poisson", "none"] = "poisson"
+    noise: Literal["poisson", "measured", "none"] = "poisson"
     info: dict[str, Any] = field(default_factory=dict)
     #: stimulus ids of the calibration images and the twins' raw outputs on them (N, S)
     natural_ids: np.ndarray | None = None
     natural_raw: np.ndarray | None = None
+    #: the variance-to-mean relation of ``noise="measured"``
+    fano: FanoTable | None = None
 
     def __post_init__(self) -> None:
         self._memo: dict[bytes, np.ndarray] = {}
@@ -422,11 +429,26 @@ class TwinRecorder:
         self.areas = np.array([cowley.AREA] * self.site_ids.size)
         self.slope = np.asarray(self.slope, dtype=np.float64)
         self.intercept = np.asarray(self.intercept, dtype=np.float64)
-        if self.noise not in ("poisson", "none"):
-            raise ConfigError(f"expected 'poisson' or 'none', got {self.noise!r}", key="followup_noise")
+        if self.noise not in NOISES:
+            raise ConfigError(f"expected one of {', '.join(NOISES)}, got {self.noise!r}", key="followup_noise")
+        if (self.noise == "measured") != (self.fano is not None):
+            raise ValueError("noise='measured' needs a Fano table (fano=...), and only it takes one")
+
+    def noise_info(self) -> dict[str, Any]:
+        """The trial-noise model of ``record``, for the run's report."""
+        return {"model": self.noise, "fano": None if self.fano is None else self.fano.as_dict()}
 
     @classmethod
-    def calibrate(cls, ensemble: TwinEnsemble, images: torch.Tensor, recording: Recording, *, noise: Literal["poisson", "none"] = "poisson", cache: bool = True) -> "TwinRecorder":
+    def calibrate(
+        cls,
+        ensemble: TwinEnsemble,
+        images: torch.Tensor,
+        recording: Recording,
+        *,
+        noise: Literal["poisson", "measured", "none"] = "poisson",
+        fano: FanoTable | None = None,
+        cache: bool = True,
+    ) -> "TwinRecorder":
         """Fit each twin's line to its neuron's repeat-averaged responses on ``images``.
 
         Args:
@@ -435,6 +457,7 @@ class TwinRecorder:
             recording: responses to them (same stimulus order), containing every twin's
                 site id.
             noise: trial noise of ``record``.
+            fano: the variance-to-mean relation (``noise="measured"`` only).
             cache: reuse / store twin outputs under ``cache_dir()``.
         """
         rec = recording.select(sites=ensemble.site_ids)
@@ -453,7 +476,7 @@ class TwinRecorder:
             "files": ensemble.files,
         }
         log.info("twins calibrated on %d images: median r with the recording %.3f", y.shape[0], info["median_r"])
-        out = cls(ensemble=ensemble, slope=slope, intercept=intercept, noise=noise, info=info, natural_ids=rec.stimulus_id, natural_raw=raw)
+        out = cls(ensemble=ensemble, slope=slope, intercept=intercept, noise=noise, info=info, natural_ids=rec.stimulus_id, natural_raw=raw, fano=fano)
         out._memo = dict(zip(_image_hashes(images), raw))
         return out
 
@@ -568,8 +591,8 @@ class TwinRecorder:
         else:
             resp = np.empty((mean.shape[1], mean.shape[0], n_repeats))
             for j, sid in enumerate(ids):
-                rng = np.random.default_rng(derive_seed(seed, "twins-poisson", sid))
-                resp[:, j, :] = rng.poisson(mean[j][:, None], size=(mean.shape[1], n_repeats))
+                rng = np.random.default_rng(derive_seed(seed, f"twins-{self.noise}", sid))
+                resp[:, j, :] = draw_counts(mean[j], n_repeats, rng, self.fano)
         return Recording(stimulus_id=np.array(ids), site_id=self.site_ids, responses=resp, areas=self.areas)
 
 
@@ -629,7 +652,7 @@ class Cowley2023Target:
     session: str
     image_size: int = cowley.NATIVE_SIZE
     followup: Literal["twins"] = "twins"
-    followup_noise: Literal["poisson", "none"] = "poisson"
+    followup_noise: Literal["poisson", "measured", "none"] = "poisson"
     name: str = "cowley2023"
 
     def __post_init__(self) -> None:
@@ -651,6 +674,8 @@ class Cowley2023Target:
         size = int(image_size or self.image_size)
         ids, x, rec = cowley.load_session(self.root, self.session, image_size=size, grayscale=grayscale)
         files = [cowley.images_path(self.root, self.session), cowley.averaged_path(self.root, self.session)]
+        if self.followup_noise == "measured":  # the single trials the follow-up's noise is measured on
+            files += [cowley.raw_path(self.root, s) for s in raw_sessions(self.root)]
         info = {
             "dataset": "cowley2023",
             "root": str(self.root),
@@ -698,12 +723,58 @@ class Cowley2023Target:
             raise DataError(f"{Path(self.root) / cowley.MODELS_DIR}: session {self.session}: {what}")
         ens = load_twins(self.root, self.session, device=device or "cpu")
         _, x, rec = cowley.load_session(self.root, self.session, image_size=cowley.NATIVE_SIZE, grayscale=False)
-        self._recorder = TwinRecorder.calibrate(ens, x, rec, noise=self.followup_noise)
+        fano = measured_fano(self.root) if self.followup_noise == "measured" else None
+        self._recorder = TwinRecorder.calibrate(ens, x, rec, noise=self.followup_noise, fano=fano)
         return self._recorder
 
 
+def raw_sessions(root: str | os.PathLike) -> list[str]:
+    """Sessions under ``root`` that publish single-trial responses."""
+    return [s for s in cowley.list_sessions(root) if cowley.raw_path(root, s).exists()]
+
+
+def _no_single_trials(root: str | os.PathLike) -> ConfigError:
+    return ConfigError(
+        f"followup_noise 'measured' needs a session with single-trial responses under {Path(root) / cowley.RAW_DIR} "
+        "(none found); use 'poisson'",
+        key="params.followup_noise",
+    )
+
+
+def measured_fano(root: str | os.PathLike, *, min_pairs: int = 50) -> FanoTable:
+    """The variance-to-mean relation of every session under ``root`` with single trials, pooled.
+
+    ``min_pairs``: see ``measure_fano``.
+
+    Raises:
+        ConfigError: no session under ``root`` has single-trial responses.
+    """
+    sessions = raw_sessions(root)
+    if not sessions:
+        raise _no_single_trials(root)
+    raws = [cowley.load_raw(root, s) for s in sessions]
+    table = measure_fano(
+        [r.responses for r in raws if r is not None],
+        min_pairs=min_pairs,
+        source=", ".join(f"{s}: {r.n_sites} sites x {r.n_stimuli} images" for s, r in zip(sessions, raws) if r is not None),
+    )
+    log.info(
+        "trial noise measured on %s: Fano factor %s at mean counts %s",
+        table.source, ", ".join(f"{f:.2f}" for f in table.fano), ", ".join(f"{m:.2f}" for m in table.mean),
+    )
+    return table
+
+
 @TARGETS.register("cowley2023")
-def build_cowley2023(*, root: str, session: str, image_size: int = cowley.NATIVE_SIZE, followup: Literal["twins"] = "twins", followup_noise: Literal["poisson", "none"] = "poisson", name: str = "cowley2023") -> Cowley2023Target:
+def build_cowley2023(
+    *,
+    root: str,
+    session: str,
+    image_size: int = cowley.NATIVE_SIZE,
+    followup: Literal["twins"] = "twins",
+    followup_noise: Literal["poisson", "measured", "none"] = "poisson",
+    name: str = "cowley2023",
+) -> Cowley2023Target:
     """Builder for ``kind: cowley2023`` (see targets/cowley2023.yaml).
 
     Args:
@@ -711,13 +782,15 @@ def build_cowley2023(*, root: str, session: str, image_size: int = cowley.NATIVE
         session: recording session id, e.g. ``"201025"``.
         image_size: display size of the natural images (native 112).
         followup: follow-up recorder (only ``"twins"``).
-        followup_noise: ``"poisson"`` spike counts or ``"none"`` (expected responses).
+        followup_noise: ``"poisson"`` spike counts, ``"measured"`` (counts with the
+            variance-to-mean relation of the root's single-trial sessions) or ``"none"``
+            (expected responses).
     """
     session = str(session)
     if followup != "twins":
         raise ConfigError(f"expected 'twins', got {followup!r}", key="params.followup")
-    if followup_noise not in ("poisson", "none"):
-        raise ConfigError(f"expected 'poisson' or 'none', got {followup_noise!r}", key="params.followup_noise")
+    if followup_noise not in NOISES:
+        raise ConfigError(f"expected one of {', '.join(NOISES)}, got {followup_noise!r}", key="params.followup_noise")
     if int(image_size) < 16:
         raise ConfigError(f"expected an integer >= 16, got {image_size!r}", key="params.image_size")
     if not Path(root).is_dir():
@@ -727,4 +800,6 @@ def build_cowley2023(*, root: str, session: str, image_size: int = cowley.NATIVE
         from synth.registry import did_you_mean
 
         raise ConfigError(f"no session '{session}' under {root}{did_you_mean(session, sessions)}; sessions present: {', '.join(sessions) or '(none)'}", key="target.session")
+    if followup_noise == "measured" and not raw_sessions(root):
+        raise _no_single_trials(root)
     return Cowley2023Target(root=str(root), session=session, image_size=int(image_size), followup=followup, followup_noise=followup_noise, name=name)

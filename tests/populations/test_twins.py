@@ -207,6 +207,53 @@ def test_noise_none_returns_expected_exactly():
         twins.TwinRecorder(ensemble=recd.ensemble, slope=recd.slope, intercept=recd.intercept, noise="gaussian")
 
 
+def test_measured_noise_record_follows_the_fano_table():
+    from synth.populations.trialnoise import FanoTable
+
+    table = FanoTable(mean=(1.0, 10.0), fano=(0.9, 0.5), n=(100, 100), source="toy")
+    ens, _ = _toy_ensemble(torch.float32)
+    base, x, _ = _calibrated()
+    recd = twins.TwinRecorder(ensemble=ens, slope=base.slope, intercept=base.intercept, noise="measured", fano=table)
+    assert recd.noise_info() == {"model": "measured", "fano": table.as_dict()}
+    assert base.noise_info() == {"model": "poisson", "fano": None}
+    ids = [f"img{i}" for i in range(30)]
+    a = recd.record(x, ids, n_repeats=5, seed=7)
+    np.testing.assert_array_equal(a.responses, recd.record(x, ids, n_repeats=5, seed=7).responses)
+    assert np.all(a.responses == np.round(a.responses)) and a.responses.min() >= 0
+    assert not np.array_equal(a.responses, base.record(x, ids, n_repeats=5, seed=7).responses)
+    many = recd.record(x[:3], ids[:3], n_repeats=6000, seed=1)
+    exp = recd.expected(x[:3]).numpy().T.astype(np.float64)
+    np.testing.assert_allclose(many.responses.mean(axis=2), exp, rtol=0.03)
+    # under-dispersed: variance = Fano(mean) x mean, up to the binomial's whole number of trials
+    np.testing.assert_allclose(many.responses.var(axis=2), table.at(exp) * exp, rtol=0.15)
+    pos = exp > 0
+    assert pos.sum() >= 3 and np.all(many.responses.var(axis=2)[pos] < 0.95 * exp[pos])
+    with pytest.raises(ValueError, match="Fano table"):
+        twins.TwinRecorder(ensemble=ens, slope=base.slope, intercept=base.intercept, noise="measured")
+    with pytest.raises(ValueError, match="Fano table"):
+        twins.TwinRecorder(ensemble=ens, slope=base.slope, intercept=base.intercept, fano=table)
+
+
+def test_measured_noise_needs_single_trials_under_the_root(tmp_path):
+    from synth.targets import build_target
+
+    root = tmp_path / "root"
+    (root / cowley.AVERAGED_DIR).mkdir(parents=True)
+    np.save(cowley.averaged_path(root, "999001"), np.ones((2, 3)))
+    tfile = REPO / "targets" / "cowley2023.yaml"
+    with pytest.raises(ConfigError, match="params.followup_noise: followup_noise 'measured' needs a session with single-trial"):
+        build_target(tfile, root=str(root), session="999001", overrides={"followup_noise": "measured"})
+    with pytest.raises(ConfigError, match="params.followup_noise"):
+        twins.measured_fano(root)
+    (root / cowley.RAW_DIR).mkdir(parents=True)
+    trials = np.random.default_rng(0).poisson(3.0, size=(2, 3, 10)).astype(float)
+    np.save(cowley.raw_path(root, "999001"), np.concatenate([trials] * 10, axis=1)[:, :3])
+    t = build_target(tfile, root=str(root), session="999001", overrides={"followup_noise": "measured"})
+    assert t.followup_noise == "measured" and twins.raw_sessions(root) == ["999001"]
+    table = twins.measured_fano(root, min_pairs=1)
+    assert table.source == "999001: 2 sites x 3 images" and sum(table.n) == 6
+
+
 def test_calibration_images_are_not_recomputed_and_reference_by_id(monkeypatch):
     recd, x, y = _calibrated(noise="none")
     full = recd.expected(x).numpy()

@@ -464,6 +464,7 @@ def test_pipeline_with_core_stage(fake_root, cache, tmp_path):
     assert prov["core"]["key"] == rep["core"]["key"] and rep["core"]["precision"] == "fp32"
     assert np.isfinite(rep["fit"]["reference_median_r_test"]) and rep["fit"]["n_test_images"] == N_IMAGES // 2
     assert "core" in rep["timing"]
+    assert rep["trial_noise"] == {"model": "none", "fano": None}  # the follow-up's noise model, as configured
     resolved = (out / "config.resolved.yaml").read_text()
     assert "weights: auto" in resolved  # re-running the resolved config reuses the cache
     out2 = run_pipeline(cfg, out=str(tmp_path / "run2"))
