@@ -102,6 +102,19 @@ def _parser() -> argparse.ArgumentParser:
                     "stretch or one-hot images (spread over the set), where synthesis goes")
     bg.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override the run's device")
 
+    br = bsub.add_parser("redraw", parents=[common], help="the run's recorded control figures over fresh recordings of the same images",
+                         description="For a finished run with a simulated follow-up recorder (digital twins, the virtual "
+                         "population): record the same images (natural and synthesized) again N times with fresh trial noise "
+                         "and print the mean, sd and 5-95%% range of the stretch and one-hot figures, and where the run's own "
+                         "recording fell among them. One recording is one draw; this says how much of its figures is luck. "
+                         "--set target.params.followup_noise=measured redraws with the trial noise measured on recorded single "
+                         "trials (cowley2023) instead of Poisson.")
+    br.add_argument("run_dir", help="a finished run folder (config.resolved.yaml, manifest.csv, stimuli/, report.json)")
+    br.add_argument("--draws", type=int, default=20, metavar="N", help="fresh recordings to draw (default 20)")
+    br.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a value of the run's config (e.g. the target's trial noise)")
+    br.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override the run's device")
+
     d = sub.add_parser("data", parents=[common], help="data sets: download")
     dsub = d.add_subparsers(dest="data_command", metavar="ACTION")
     dsub.required = True
@@ -208,6 +221,8 @@ def _cmd_bench(a: argparse.Namespace) -> int:
         return _bench_ceiling(a, write)
     if a.bench == "gradients":
         return _bench_gradients(a, write)
+    if a.bench == "redraw":
+        return _bench_redraw(a, write)
     from synth.synthesis.bench import bench_synthesis
 
     bench_synthesis(device=a.device, image_size=a.image_size, n_sites=a.n_sites, steps=a.steps, seed=a.seed, write=write)
@@ -312,6 +327,60 @@ def _bench_gradients(a: argparse.Namespace, write) -> int:
                 write(f"stretch outcome in report.json: {int(sel.sum())} sites {label}: {used} parameter alignment "
                       f"{float(np.median(out.param[used][sel])):.3f}")
     write(f"gradient_alignment: {out.median(used):.3f}")
+    return 0
+
+
+def _bench_redraw(a: argparse.Namespace, write) -> int:
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from synth.config import load_config
+    from synth.data.stimuli import read_stimulus_set
+    from synth.pipeline import RESOLVED, load_natural, load_target
+    from synth.runtime import derive_seed, resolve_device
+    from synth.validation.io import read_manifest
+    from synth.validation.redraw import FIGURES, redraw_figures
+
+    if a.draws < 2:
+        raise UserError(f"--draws: expected at least 2, got {a.draws}")
+    run = Path(a.run_dir)
+    resolved = run / RESOLVED
+    if not resolved.is_file():
+        raise UserError(f"{a.run_dir}: no {RESOLVED} in it; not a finished synth run folder")
+    for need in ("manifest.csv", "report.json"):
+        if not (run / need).is_file():
+            raise UserError(f"{a.run_dir}: no {need} in it; not a finished synth run folder")
+    cfg = load_config(resolved, a.overrides)
+    device = resolve_device(a.device or cfg.device)
+    target = _in_config(lambda: load_target(cfg, str(run)), str(resolved))
+    recorder = _recorder_of(target, device)
+    if recorder is None:
+        raise UserError(f"{resolved}: target '{target.name}' records on the rig (no simulated recorder to redraw)")
+    nat, _ = load_natural(cfg, target)
+    stim = read_stimulus_set(run)
+    natural_ids = [str(s) for s in nat.stimulus_id]
+    if cfg.followup.record_natural:
+        images = torch.cat([nat.images, stim.images], dim=0)
+        ids, original = natural_ids + [str(s) for s in stim.stimulus_id], None
+    else:
+        images, ids, original = stim.images, [str(s) for s in stim.stimulus_id], nat.recording
+    noise = getattr(recorder, "noise_info", lambda: None)()
+    write(f"{target.name}: {len(recorder.site_ids)} sites, {len(natural_ids)} natural + {stim.images.shape[0]} synthesized images, "
+          f"{cfg.followup.n_repeats} repeats, {a.draws} fresh recordings" + (f", trial noise {noise['model']}" if noise else ""))
+    out = redraw_figures(recorder, images, ids, natural_ids, read_manifest(run / "manifest.csv"), n_repeats=cfg.followup.n_repeats,
+                         draws=a.draws, seed=derive_seed(cfg.seed, "redraw"), original=original)
+    report = json.loads((run / "report.json").read_text())
+    for f in FIGURES:
+        block, key = f.split(".")
+        own = (report.get(block) or {}).get(key)
+        sm = out.summary(f)
+        line = (f"{f}: redrawn mean {sm['mean']:.3f} sd {sm['sd']:.3f} [5%: {sm['p5']:.3f}, 95%: {sm['p95']:.3f}]; "
+                f"noise-free {out.expected[f]:.3f}")
+        if own is not None:
+            line += f"; the run's recording {own:.3f} (above {out.rank(f, float(own)):.0%} of the draws)"
+        write(line)
     return 0
 
 

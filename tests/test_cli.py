@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 import yaml
 
@@ -153,7 +154,7 @@ def test_debug_shows_the_traceback(tmp_path):
         main(["run", str(cfg), "--debug"])
 
 
-@pytest.mark.parametrize("argv", [[], ["run"], ["check"], ["validate"], ["bench", "synthesis"], ["bench", "ceiling"], ["bench", "gradients"], ["data", "fetch"]])
+@pytest.mark.parametrize("argv", [[], ["run"], ["check"], ["validate"], ["bench", "synthesis"], ["bench", "ceiling"], ["bench", "gradients"], ["bench", "redraw"], ["data", "fetch"]])
 def test_help_for_every_command(capsys, argv):
     with pytest.raises(SystemExit) as e:
         main(argv + ["--help"])
@@ -695,3 +696,64 @@ def test_quiet_works_before_or_after_the_subcommand(tmp_path, capsys, where):
         assert code == 0 and synth.progress._QUIET is False
     finally:
         synth.progress.set_quiet(False)
+
+
+_REDRAW = re.compile(r"^(\S+): redrawn mean (-?[\d.]+) sd ([\d.]+) \[5%: (-?[\d.]+), 95%: (-?[\d.]+)\]; noise-free (-?[\d.]+)"
+                     r"; the run's recording (-?[\d.]+) \(above (\d+)% of the draws\)$")
+
+
+def test_bench_redraw_records_the_same_images_again(tiny_run, tmp_path, capsys):
+    """Fresh recordings of the run's images: the library's figures, the run's own draw and noise-free figures beside them."""
+    from synth.config import load_config
+    from synth.data.stimuli import read_stimulus_set
+    from synth.pipeline import load_natural, load_target
+    from synth.runtime import derive_seed
+    from synth.validation.io import read_manifest
+    from synth.validation.redraw import FIGURES, redraw_figures
+
+    _, run = tiny_run
+    code, out, err = run_cli(["bench", "redraw", run, "--draws", "4", "-q"], capsys)
+    assert code == 0, err
+    rows = {m.group(1): m.groups()[1:] for m in map(_REDRAW.match, out.splitlines()) if m}
+    assert set(rows) == set(FIGURES), out
+    rep = json.loads((run / "report.json").read_text())
+    for f, (mean, sd, p5, p95, free, own, _) in rows.items():
+        block, key = f.split(".")
+        assert float(own) == round(rep[block][key], 3)
+        if key in rep["noise_free"][block]:
+            assert float(free) == round(rep["noise_free"][block][key], 3)
+        assert float(p5) <= float(mean) <= float(p95) and float(sd) >= 0
+    cfg = load_config(run / "config.resolved.yaml")
+    target = load_target(cfg)
+    recorder = target.recorder()
+    nat, _ = load_natural(cfg, target)
+    stim = read_stimulus_set(run)
+    ids = [str(s) for s in nat.stimulus_id] + [str(s) for s in stim.stimulus_id]
+    images = torch.cat([nat.images, stim.images])
+    args = (images, ids, [str(s) for s in nat.stimulus_id], read_manifest(run / "manifest.csv"))
+    got = redraw_figures(recorder, *args, n_repeats=cfg.followup.n_repeats, draws=4, seed=derive_seed(cfg.seed, "redraw"))
+    f = "stretch.fraction_above_natural_max"
+    assert rows[f][0] == f"{got.summary(f)['mean']:.3f}"
+    assert got.values["stretch.median_gain"].std() > 0  # trial noise moves the figures from one recording to the next
+
+    class Exact:  # the same recorder without trial noise: every recording is the expected one
+        site_ids = recorder.site_ids
+
+        def expected(self, x):
+            return recorder.expected(x)
+
+        def record(self, x, sids, *, n_repeats, seed, expected):  # noqa: ARG002
+            from synth.data.recordings import Recording
+
+            return Recording(stimulus_id=np.asarray(sids), site_id=np.asarray(self.site_ids).astype(str),
+                             responses=np.repeat(expected.numpy().astype(np.float64).T[:, :, None], n_repeats, axis=2))
+
+    exact = redraw_figures(Exact(), *args, n_repeats=3, draws=2, seed=0)
+    for f in FIGURES:
+        np.testing.assert_allclose(exact.values[f], exact.expected[f])
+        assert exact.rank(f, exact.expected[f]) == 0.5
+    # bad input
+    code, _, err = run_cli(["bench", "redraw", run, "--draws", "1"], capsys)
+    assert_one_line_error(code, err, "--draws", "at least 2")
+    code, _, err = run_cli(["bench", "redraw", tmp_path], capsys)
+    assert_one_line_error(code, err, str(tmp_path), "not a finished synth run folder")

@@ -1,0 +1,124 @@
+"""How much of a recorded control figure is the luck of one recording?
+
+A simulated follow-up (digital twins, the virtual population) draws its trials around
+expected responses it knows. One recording is one draw: the natural maximum and a
+target's best image are both picked on noisy repeat means, so the stretch fraction and
+the one-hot ratio move from draw to draw even with the same images. ``redraw_figures``
+records the same images again ``draws`` times with fresh trial noise and gives the
+distribution of each headline figure (``synth bench redraw RUN_DIR``): what a lab should
+expect from such a recording, and where the run's own draw fell. Simulation only; a real
+recording is one draw.
+
+Example:
+    >>> out = redraw_figures(recorder, images, ids, natural_ids, manifest,
+    ...                      n_repeats=10, draws=20, seed=0)           # doctest: +SKIP
+    >>> out.summary("stretch.fraction_above_natural_max")               # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from synth.data.recordings import Recording
+from synth.runtime import derive_seed, progress
+from synth.validation.control import closed_loop_metrics
+
+#: the headline figures redrawn, as ``block.key`` of ``closed_loop_metrics``
+FIGURES = (
+    "stretch.fraction_above_natural_max",
+    "stretch.median_gain",
+    "one_hot.median_score_ratio",
+    "one_hot.fraction_beating_best_natural",
+)
+
+
+@dataclass(frozen=True)
+class Redrawn:
+    """Headline control figures over redrawn recordings.
+
+    Attributes:
+        values: figure -> ``(draws,)`` values, one per recording.
+        expected: figure -> the value on the expected responses (no trial noise).
+    """
+
+    values: dict[str, np.ndarray]
+    expected: dict[str, float]
+
+    def summary(self, figure: str) -> dict[str, float]:
+        """Mean, sd and 5th / 95th percentiles of a figure over the draws."""
+        v = self.values[figure]
+        v = v[np.isfinite(v)]
+        if v.size == 0:
+            return {"mean": float("nan"), "sd": float("nan"), "p5": float("nan"), "p95": float("nan")}
+        return {"mean": float(v.mean()), "sd": float(v.std()), "p5": float(np.percentile(v, 5)), "p95": float(np.percentile(v, 95))}
+
+    def rank(self, figure: str, value: float) -> float:
+        """Fraction of the draws below ``value`` (ties count half)."""
+        v = self.values[figure]
+        v = v[np.isfinite(v)]
+        return float(((v < value).sum() + 0.5 * (v == value).sum()) / max(v.size, 1))
+
+
+def _figures(m: Mapping) -> dict[str, float]:
+    out = {}
+    for f in FIGURES:
+        block, key = f.split(".")
+        v = (m.get(block) or {}).get(key)
+        out[f] = float("nan") if v is None else float(v)
+    return out
+
+
+def redraw_figures(
+    recorder,
+    images: torch.Tensor,
+    stimulus_ids: Sequence[str],
+    natural_ids: Sequence[str],
+    manifest: Sequence[Mapping[str, str]],
+    *,
+    n_repeats: int,
+    draws: int,
+    seed: int,
+    original: Recording | None = None,
+) -> Redrawn:
+    """The control figures of ``draws`` fresh recordings of the same images.
+
+    Args:
+        recorder: a simulated recorder (``expected(images)`` and ``record(...)``).
+        images: ``(N, C, H, W)`` every image recorded (natural and synthesized), in
+            ``stimulus_ids`` order.
+        stimulus_ids: ``(N,)`` their ids.
+        natural_ids: the natural set's ids (its maxima and z-scores).
+        manifest: the stimulus set's manifest rows (objective, target site per image).
+        n_repeats: trials per image and recording.
+        draws: recordings to draw (>= 2).
+        seed: draw ``d`` records with ``derive_seed(seed, "redraw", d)``.
+        original: when given, the natural images are not re-recorded: their statistics
+            come from this recording (``followup.record_natural: false``), and
+            ``images`` / ``stimulus_ids`` hold only the synthesized images.
+
+    Returns:
+        :class:`Redrawn`.
+    """
+    if draws < 2:
+        raise ValueError(f"draws must be >= 2, got {draws}")
+    ids = [str(s) for s in stimulus_ids]
+    if len(ids) != images.shape[0]:
+        raise ValueError(f"{images.shape[0]} images but {len(ids)} stimulus ids")
+    mean = recorder.expected(images)
+    sites = np.asarray(recorder.site_ids).astype(str)
+    exp = Recording(stimulus_id=np.asarray(ids), site_id=sites, responses=mean.cpu().numpy().astype(np.float64).T[:, :, None])
+    if original is not None:
+        exp = original.select(sites=sites).concat(exp)
+    expected = _figures(closed_loop_metrics(exp, None, manifest, natural_ids, n_bootstrap=0))
+    values: dict[str, list[float]] = {f: [] for f in FIGURES}
+    for d in progress(range(draws), desc="redrawn recordings", total=draws):
+        rec = recorder.record(images, ids, n_repeats=n_repeats, seed=derive_seed(seed, "redraw", d), expected=mean)
+        if original is not None:
+            rec = original.concat(rec)
+        for f, v in _figures(closed_loop_metrics(rec, None, manifest, natural_ids, n_bootstrap=0)).items():
+            values[f].append(v)
+    return Redrawn(values={f: np.asarray(v) for f, v in values.items()}, expected=expected)
