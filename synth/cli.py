@@ -263,14 +263,26 @@ def _bench_ceiling(a: argparse.Namespace, write) -> int:
     return 0
 
 
+def _finished_run(run_dir: str, *also: str):
+    """``(run, run / config.resolved.yaml)``; a UserError unless those and ``also`` are there."""
+    from pathlib import Path
+
+    from synth.pipeline import RESOLVED
+
+    run = Path(run_dir)
+    for need in (RESOLVED, *also):
+        if not (run / need).is_file():
+            raise UserError(f"{run_dir}: no {need} in it; not a finished synth run folder")
+    return run, run / RESOLVED
+
+
 def _bench_gradients(a: argparse.Namespace, write) -> int:
     import json
-    from pathlib import Path
 
     import numpy as np
 
     from synth.config import load_config
-    from synth.pipeline import RESOLVED, load_natural, load_target, synthesizing_surrogates
+    from synth.pipeline import load_natural, load_target, synthesizing_surrogates
     from synth.populations.alignment import gradient_alignment
     from synth.runtime import resolve_device
     from synth.surrogate.model import Surrogate
@@ -280,10 +292,7 @@ def _bench_gradients(a: argparse.Namespace, write) -> int:
         raise UserError(f"--images: expected a positive number, got {a.images}")
     if a.sites is not None and a.sites < 1:
         raise UserError(f"--sites: expected a positive number, got {a.sites}")
-    run = Path(a.run_dir)
-    resolved = run / RESOLVED
-    if not resolved.is_file():
-        raise UserError(f"{a.run_dir}: no {RESOLVED} in it; not a finished synth run folder")
+    run, resolved = _finished_run(a.run_dir)
     cfg = load_config(resolved)
     device = resolve_device(a.device or cfg.device)
     files = [run / f for f in synthesizing_surrogates(cfg)]
@@ -332,26 +341,19 @@ def _bench_gradients(a: argparse.Namespace, write) -> int:
 
 def _bench_redraw(a: argparse.Namespace, write) -> int:
     import json
-    from pathlib import Path
 
     import torch
 
     from synth.config import load_config
     from synth.data.stimuli import read_stimulus_set
-    from synth.pipeline import RESOLVED, load_natural, load_target
+    from synth.pipeline import load_natural, load_target
     from synth.runtime import derive_seed, resolve_device
     from synth.validation.io import read_manifest
     from synth.validation.redraw import FIGURES, redraw_figures
 
     if a.draws < 2:
         raise UserError(f"--draws: expected at least 2, got {a.draws}")
-    run = Path(a.run_dir)
-    resolved = run / RESOLVED
-    if not resolved.is_file():
-        raise UserError(f"{a.run_dir}: no {RESOLVED} in it; not a finished synth run folder")
-    for need in ("manifest.csv", "report.json"):
-        if not (run / need).is_file():
-            raise UserError(f"{a.run_dir}: no {need} in it; not a finished synth run folder")
+    run, resolved = _finished_run(a.run_dir, "manifest.csv", "report.json")
     cfg = load_config(resolved, a.overrides)
     device = resolve_device(a.device or cfg.device)
     target = _in_config(lambda: load_target(cfg, str(run)), str(resolved))
