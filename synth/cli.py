@@ -363,11 +363,9 @@ def _bench_redraw(a: argparse.Namespace, write) -> int:
     nat, _ = load_natural(cfg, target)
     stim = read_stimulus_set(run)
     natural_ids = [str(s) for s in nat.stimulus_id]
-    if cfg.followup.record_natural:
-        images = torch.cat([nat.images, stim.images], dim=0)
-        ids, original = natural_ids + [str(s) for s in stim.stimulus_id], None
-    else:
-        images, ids, original = stim.images, [str(s) for s in stim.stimulus_id], nat.recording
+    images = torch.cat([nat.images, stim.images], dim=0)
+    ids = natural_ids + [str(s) for s in stim.stimulus_id]
+    original = None if cfg.followup.record_natural else nat.recording  # natural statistics from the original recording
     noise = getattr(recorder, "noise_info", lambda: None)()
     write(f"{target.name}: {len(recorder.site_ids)} sites, {len(natural_ids)} natural + {stim.images.shape[0]} synthesized images, "
           f"{cfg.followup.n_repeats} repeats, {a.draws} fresh recordings" + (f", trial noise {noise['model']}" if noise else ""))

@@ -680,6 +680,36 @@ def test_without_natural_rerecording_the_original_recording_gives_the_natural_st
     assert (n_nat == TINY["target"]["params"]["n_repeats"]).all()
     report = json.loads((out / "report.json").read_text())
     assert 0 <= report["stretch"]["fraction_above_natural_max"] <= 1
+    # bench redraw then records only the synthesized images again, the natural set staying the original recording
+    code, text, err = run_cli(["bench", "redraw", out, "--draws", "2", "-q"], capsys)
+    assert code == 0, err
+    rows = {m.group(1): m.groups()[1:] for m in map(_REDRAW.match, text.splitlines()) if m}
+    f = "one_hot.median_score_ratio"
+    assert float(rows[f][4]) == round(report["noise_free"]["one_hot"]["median_score_ratio"], 3)
+    from synth.config import load_config
+    from synth.data.stimuli import read_stimulus_set
+    from synth.pipeline import load_natural, load_target
+    from synth.validation.io import read_manifest
+    from synth.validation.redraw import redraw_figures
+
+    conf = load_config(out / "config.resolved.yaml")
+    target = load_target(conf)
+    natural, _ = load_natural(conf, target)
+    recorder, recorded = target.recorder(), []
+
+    class Spy:
+        site_ids = recorder.site_ids
+        expected = staticmethod(recorder.expected)
+
+        def record(self, x, sids, **kw):
+            recorded.append(list(sids))
+            return recorder.record(x, sids, **kw)
+
+    stim = read_stimulus_set(out)
+    ids = [str(i) for i in natural.stimulus_id] + [str(i) for i in stim.stimulus_id]
+    redraw_figures(Spy(), torch.cat([natural.images, stim.images]), ids, [str(i) for i in natural.stimulus_id],
+                   read_manifest(out / "manifest.csv"), n_repeats=2, draws=2, seed=0, original=natural.recording)
+    assert recorded == [[str(i) for i in stim.stimulus_id]] * 2
 
 
 @pytest.mark.parametrize("where", ["before", "after"])

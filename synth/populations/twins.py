@@ -753,11 +753,14 @@ def measured_fano(root: str | os.PathLike, *, min_pairs: int = 50) -> FanoTable:
     if not sessions:
         raise _no_single_trials(root)
     raws = [cowley.load_raw(root, s) for s in sessions]
-    table = measure_fano(
-        [r.responses for r in raws if r is not None],
-        min_pairs=min_pairs,
-        source=", ".join(f"{s}: {r.n_sites} sites x {r.n_stimuli} images" for s, r in zip(sessions, raws) if r is not None),
-    )
+    try:
+        table = measure_fano(
+            [r.responses for r in raws if r is not None],
+            min_pairs=min_pairs,
+            source=", ".join(f"{s}: {r.n_sites} sites x {r.n_stimuli} images" for s, r in zip(sessions, raws) if r is not None),
+        )
+    except ValueError as err:
+        raise DataError(f"{', '.join(str(cowley.raw_path(root, s)) for s in sessions)}: {err}") from None
     log.info(
         "trial noise measured on %s: Fano factor %s at mean counts %s",
         table.source, ", ".join(f"{f:.2f}" for f in table.fano), ", ".join(f"{m:.2f}" for m in table.mean),

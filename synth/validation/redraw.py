@@ -88,7 +88,7 @@ def redraw_figures(
 
     Args:
         recorder: a simulated recorder (``expected(images)`` and ``record(...)``).
-        images: ``(N, C, H, W)`` every image recorded (natural and synthesized), in
+        images: ``(N, C, H, W)`` the natural and the synthesized images, in
             ``stimulus_ids`` order.
         stimulus_ids: ``(N,)`` their ids.
         natural_ids: the natural set's ids (its maxima and z-scores).
@@ -97,8 +97,9 @@ def redraw_figures(
         draws: recordings to draw (>= 2).
         seed: draw ``d`` records with ``derive_seed(seed, "redraw", d)``.
         original: when given, the natural images are not re-recorded: their statistics
-            come from this recording (``followup.record_natural: false``), and
-            ``images`` / ``stimulus_ids`` hold only the synthesized images.
+            come from this recording (``followup.record_natural: false``) and only the
+            other images are redrawn. The noise-free figures use the recorder's expected
+            responses to every image either way (as ``report.json → noise_free``).
 
     Returns:
         :class:`Redrawn`.
@@ -111,12 +112,14 @@ def redraw_figures(
     mean = recorder.expected(images)
     sites = np.asarray(recorder.site_ids).astype(str)
     exp = Recording(stimulus_id=np.asarray(ids), site_id=sites, responses=mean.cpu().numpy().astype(np.float64).T[:, :, None])
-    if original is not None:
-        exp = original.select(sites=sites).concat(exp)
     expected = _figures(closed_loop_metrics(exp, None, manifest, natural_ids, n_bootstrap=0))
+    rows = np.arange(len(ids))
+    if original is not None:
+        natural = set(str(s) for s in natural_ids)
+        rows = np.array([i for i, s in enumerate(ids) if s not in natural], dtype=int)
     values: dict[str, list[float]] = {f: [] for f in FIGURES}
     for d in progress(range(draws), desc="redrawn recordings", total=draws):
-        rec = recorder.record(images, ids, n_repeats=n_repeats, seed=derive_seed(seed, "redraw", d), expected=mean)
+        rec = recorder.record(images[rows], [ids[i] for i in rows], n_repeats=n_repeats, seed=derive_seed(seed, "redraw", d), expected=mean[rows])
         if original is not None:
             rec = original.concat(rec)
         for f, v in _figures(closed_loop_metrics(rec, None, manifest, natural_ids, n_bootstrap=0)).items():

@@ -252,6 +252,8 @@ def test_measured_noise_needs_single_trials_under_the_root(tmp_path):
     assert t.followup_noise == "measured" and twins.raw_sessions(root) == ["999001"]
     table = twins.measured_fano(root, min_pairs=1)
     assert table.source == "999001: 2 sites x 3 images" and sum(table.n) == 6
+    with pytest.raises(DataError, match=r"responses_999001.npy: no mean-count bin has 50"):
+        twins.measured_fano(root)  # 6 (site, image) pairs: too few to measure a spread
 
 
 def test_calibration_images_are_not_recomputed_and_reference_by_id(monkeypatch):
