@@ -283,6 +283,8 @@ def test_lab_recordings_config_writes_a_stimulus_set_for_the_rig(tmp_path, capsy
     assert rep["followup"] is None and rep["fit"]["n_sites"] == 3
     code, _, err = run_cli(["bench", "gradients", out], capsys)
     assert_one_line_error(code, err, "config.resolved.yaml", "has no differentiable model of its sites")
+    code, _, err = run_cli(["bench", "redraw", out], capsys)
+    assert_one_line_error(code, err, "config.resolved.yaml", "records on the rig (no simulated recorder to redraw)")
 
 
 # --------------------------------------------------------------------------- end to end
