@@ -17,7 +17,7 @@ import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -384,12 +384,6 @@ def _run_stages(
         # The simulated sites' noise-free responses (the truth a real recording only
         # estimates), computed once: the noisy trials are drawn around them.
         mean = recorder.expected(images)
-        expected = Recording(
-            stimulus_id=np.asarray(ids),
-            site_id=np.asarray(recorder.site_ids).astype(str),
-            responses=mean.cpu().numpy().astype(np.float64).T[:, :, None],
-            areas=getattr(recorder, "areas", None),
-        )
         first = 0 if cfg.followup.record_natural else x.shape[0]
         followup = recorder.record(
             images[first:], ids[first:], n_repeats=cfg.followup.n_repeats, seed=derive_seed(cfg.seed, "followup"), expected=mean[first:]
@@ -416,21 +410,23 @@ def _run_stages(
             seed=derive_seed(cfg.seed, "bootstrap"),
         )
         report.update(control)
-        report["noise_free"] = _noise_free_figures(run, expected, list(nat.stimulus_id), cfg.followup.n_repeats)
+        report["noise_free"] = _noise_free_figures(run, mean, ids, recorder.site_ids, list(nat.stimulus_id), cfg.followup.n_repeats)
     return report
 
 
-def _noise_free_figures(run: RunDir, expected: Recording, natural_ids: list[str], n_repeats: int) -> dict[str, Any]:
+def _noise_free_figures(
+    run: RunDir, mean: torch.Tensor, ids: list[str], site_ids: Sequence[str], natural_ids: list[str], n_repeats: int
+) -> dict[str, Any]:
     """Stretch and one-hot figures from the simulated recorder's expected responses.
 
     With ``n_repeats`` noisy trials the natural maximum (the largest of a thousand noisy
     means) is inflated more than the best of a few synthetic images, which pulls the
     recorded figures down; these are the figures without trial noise (simulation only).
     """
-    from synth.validation.control import closed_loop_metrics
     from synth.validation.io import read_manifest
+    from synth.validation.redraw import noise_free_metrics
 
-    m = closed_loop_metrics(expected, None, read_manifest(run.work / "manifest.csv"), natural_ids, n_bootstrap=0)
+    m = noise_free_metrics(mean, ids, site_ids, read_manifest(run.work / "manifest.csv"), natural_ids)
     return {
         "stretch": {k: m["stretch"][k] for k in ("fraction_above_natural_max", "median_gain")},
         "one_hot": {k: m["one_hot"][k] for k in ("median_score_ratio", "fraction_beating_best_natural")},

@@ -72,6 +72,28 @@ def _figures(m: Mapping) -> dict[str, float]:
     return out
 
 
+def noise_free_metrics(
+    mean: torch.Tensor,
+    stimulus_ids: Sequence[str],
+    site_ids: Sequence[str],
+    manifest: Sequence[Mapping[str, str]],
+    natural_ids: Sequence[str],
+) -> dict:
+    """``closed_loop_metrics`` on a simulated recorder's expected responses (no trial noise).
+
+    Args:
+        mean: ``(N, S)`` expected responses to the images ``stimulus_ids`` (natural and
+            synthesized), sites in ``site_ids`` order.
+        stimulus_ids, site_ids, manifest, natural_ids: as for ``closed_loop_metrics``.
+    """
+    exp = Recording(
+        stimulus_id=np.asarray([str(s) for s in stimulus_ids]),
+        site_id=np.asarray(site_ids).astype(str),
+        responses=mean.cpu().numpy().astype(np.float64).T[:, :, None],
+    )
+    return closed_loop_metrics(exp, None, manifest, natural_ids, n_bootstrap=0)
+
+
 def redraw_figures(
     recorder,
     images: torch.Tensor,
@@ -110,9 +132,7 @@ def redraw_figures(
     if len(ids) != images.shape[0]:
         raise ValueError(f"{images.shape[0]} images but {len(ids)} stimulus ids")
     mean = recorder.expected(images)
-    sites = np.asarray(recorder.site_ids).astype(str)
-    exp = Recording(stimulus_id=np.asarray(ids), site_id=sites, responses=mean.cpu().numpy().astype(np.float64).T[:, :, None])
-    expected = _figures(closed_loop_metrics(exp, None, manifest, natural_ids, n_bootstrap=0))
+    expected = _figures(noise_free_metrics(mean, ids, recorder.site_ids, manifest, natural_ids))
     rows = np.arange(len(ids))
     if original is not None:
         natural = set(str(s) for s in natural_ids)
