@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import types
 import typing
 from typing import Any, Literal, Mapping, Union, get_args, get_origin
@@ -109,6 +110,8 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     if tp is str:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)  # e.g. session ids written as numbers
+        if isinstance(value, datetime.date):
+            return value.isoformat()  # e.g. session ids written as dates (YAML reads 2026-12-07 as a date)
         if not isinstance(value, str):
             raise ConfigError(f"expected a string, got {value!r}", key=key)
         return value

@@ -234,13 +234,16 @@ def plan_core_stage(cfg: Config, target: Target, fit=None):
     from synth.errors import ConfigError
     from synth.surrogate.core import CoreConfig, plan_core
 
-    root, session = getattr(target, "root", None), getattr(target, "session", None)
-    if root is None or session is None:
+    sessions = getattr(target, "sessions", None)
+    source = sessions(image_size=cfg.data.image_size, grayscale=cfg.data.grayscale) if sessions is not None else None
+    session = getattr(target, "session", None)
+    if source is None or session is None:
         raise ConfigError(
-            f"weights auto trains a core on the other recording sessions of a real-data target (kind cowley2023); target {target.name} has no data root/session",
+            f"weights auto trains a core on the other recording sessions under the target's data root; target {target.name} "
+            "has none (use kind cowley2023, or kind recordings with {session} in params.images and params.responses, and set target.session)",
             key="fit.weights",
         )
-    plan = plan_core(fit.core or CoreConfig(), root=str(root), evaluated=str(session), grayscale=cfg.data.grayscale, seed=derive_seed(cfg.seed, "core"))
+    plan = plan_core(fit.core or CoreConfig(), evaluated=str(session), grayscale=cfg.data.grayscale, seed=derive_seed(cfg.seed, "core"), source=source)
     log.info(
         "core plan: sessions %s (evaluated %s excluded), distillation twins: %s, cache %s",
         ", ".join(plan.sessions), plan.evaluated, ", ".join(plan.teachers) or "none", plan.path,

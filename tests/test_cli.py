@@ -172,12 +172,12 @@ def test_bench_ceiling_needs_a_target_with_twins(tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------- lab data problems
-def make_lab_session(root: Path, *, n: int = 40, sites: int = 3, size: int = 32, seed: int = 0) -> Path:
+def make_lab_session(root: Path, *, n: int = 40, sites: int = 3, size: int = 32, seed: int = 0, session: str = "session_01") -> Path:
     """A small lab session in the layout of targets/lab_example.yaml."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
-    img_dir = root / "session_01" / "images"
+    img_dir = root / session / "images"
     img_dir.mkdir(parents=True)
     ids = [f"nat{i:03d}" for i in range(n)]
     imgs = rng.integers(0, 256, size=(n, size, size), dtype=np.uint8)
@@ -185,7 +185,7 @@ def make_lab_session(root: Path, *, n: int = 40, sites: int = 3, size: int = 32,
         Image.fromarray(a, mode="L").save(img_dir / f"{sid}.png")
     drive = imgs.reshape(n, -1).astype(float).mean(1) / 255.0
     resp = rng.poisson(lam=np.clip(5 + 10 * np.outer(np.arange(1, sites + 1), drive), 0, None)[:, :, None] * np.ones((1, 1, 3))).astype(float)
-    np.savez(root / "session_01" / "responses.npz", stimulus_id=np.array(ids), site_id=np.array([f"e{k}" for k in range(sites)]), responses=resp)
+    np.savez(root / session / "responses.npz", stimulus_id=np.array(ids), site_id=np.array([f"e{k}" for k in range(sites)]), responses=resp)
     return root
 
 
@@ -285,6 +285,57 @@ def test_lab_recordings_config_writes_a_stimulus_set_for_the_rig(tmp_path, capsy
     assert_one_line_error(code, err, "config.resolved.yaml", "has no differentiable model of its sites")
     code, _, err = run_cli(["bench", "redraw", out], capsys)
     assert_one_line_error(code, err, "config.resolved.yaml", "records on the rig (no simulated recorder to redraw)")
+
+
+def test_lab_core_trains_on_the_labs_other_sessions(tmp_path, capsys, monkeypatch):
+    """A lab's root with three sessions: today's gets a readout on a core of the other two, cached."""
+    monkeypatch.setenv("SYNTH_CACHE_DIR", str(tmp_path / "cache"))
+    root = tmp_path / "lab"
+    for k, s in enumerate(("2026-11-30", "2026-12-01", "2026-12-07")):
+        make_lab_session(root, session=s, seed=k, sites=2 + k)
+    (root / "notes").mkdir()  # not a session: no responses file
+    target = yaml.safe_load((REPO / "targets" / "lab_example.yaml").read_text())
+    target["params"].update(images="{session}/images", responses="{session}/responses.npz")
+    (tmp_path / "lab_target.yaml").write_text(yaml.safe_dump(target))
+    data = yaml.safe_load(lab_cfg(tmp_path, root).read_text())
+    data["target"].update(file=str(tmp_path / "lab_target.yaml"), session="2026-12-07")
+    data["fit"].update(backbone="pretrained_core", weights="auto", backbone_kwargs={}, input_size=None,
+                       core={"backbone_kwargs": {"channels": 4, "n_layers": 2}, "input_size": 32, "epochs": 2, "batch_size": 8})
+    cfg = write_cfg(tmp_path / "lab_core.yaml", data)
+    code, _, err = run_cli(["run", cfg, "--out", tmp_path / "run1", "-q"], capsys)
+    assert code == 0, err
+    rep = json.loads((tmp_path / "run1" / "report.json").read_text())
+    assert rep["core"]["cache"] == "miss" and rep["core"]["sessions"] == ["2026-11-30", "2026-12-01"]
+    assert rep["core"]["excluded_session"] == "2026-12-07" and rep["core"]["distill_twins"] == []
+    assert rep["core"]["data"]["sessions"] == {"2026-11-30": {"images": 40, "sites": 2}, "2026-12-01": {"images": 40, "sites": 3}}
+    assert rep["fit"]["n_sites"] == 4  # today's session's sites, on the core of the other two
+    code, _, err = run_cli(["run", cfg, "--out", tmp_path / "run2", "-q"], capsys)
+    assert code == 0, err
+    rep2 = json.loads((tmp_path / "run2" / "report.json").read_text())
+    assert rep2["core"]["cache"] == "hit" and rep2["core"]["key"] == rep["core"]["key"]
+    # a changed image of a past session is new training data: a new core
+    from PIL import Image
+
+    Image.fromarray(np.full((32, 32), 7, np.uint8), mode="L").save(root / "2026-11-30" / "images" / "nat000.png")
+    code, _, err = run_cli(["run", cfg, "--out", tmp_path / "run3", "-q"], capsys)
+    assert code == 0, err
+    rep3 = json.loads((tmp_path / "run3" / "report.json").read_text())
+    assert rep3["core"]["cache"] == "miss" and rep3["core"]["key"] != rep["core"]["key"]
+    # choosing a past session as today's is refused when the core is told to use it
+    code, _, err = run_cli(["run", cfg, "--out", tmp_path / "run4", "--set", "fit.core.sessions=[2026-12-07]"], capsys)
+    assert_one_line_error(code, err, "fit.core.sessions", "evaluated session 2026-12-07")
+    # without a session, the templated target says which key to set
+    code, _, err = run_cli(["run", cfg, "--out", tmp_path / "run5", "--set", "target.session=null"], capsys)
+    assert_one_line_error(code, err, "target.session", "choose today's session")
+    assert not (tmp_path / "run4").exists() and not (tmp_path / "run5").exists()
+
+
+def test_auto_weights_on_a_single_session_lab_target_is_one_line(tmp_path, capsys):
+    root = make_lab_session(tmp_path / "lab")
+    data = yaml.safe_load(lab_cfg(tmp_path, root).read_text())
+    data["fit"].update(backbone="pretrained_core", weights="auto", backbone_kwargs={}, input_size=None)
+    code, _, err = run_cli(["run", write_cfg(tmp_path / "c.yaml", data), "--out", tmp_path / "run"], capsys)
+    assert_one_line_error(code, err, "fit.weights", "{session} in params.images and params.responses")
 
 
 # --------------------------------------------------------------------------- end to end

@@ -59,3 +59,15 @@ def test_frozen():
     cfg = from_dict(Outer, {})
     with pytest.raises(Exception):
         cfg.name = "y"  # type: ignore[misc]
+
+
+def test_ids_written_as_numbers_or_dates_become_strings():
+    """YAML reads `session: 201025` as an int and `2026-12-07` as a date; ids are strings."""
+    import datetime
+
+    import yaml
+
+    data = yaml.safe_load("name: 2026-12-07\ninner: {layers: [201025, 2026-11-30]}")
+    assert isinstance(data["name"], datetime.date)
+    cfg = from_dict(Outer, data)
+    assert cfg.name == "2026-12-07" and cfg.inner.layers == ("201025", "2026-11-30")

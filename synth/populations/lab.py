@@ -12,6 +12,11 @@ targets/<name>.yaml::
       images: data/my_session/images      # <stimulus_id>.png / .jpg / .jpeg files
       responses: data/my_session/responses.npz   # stimulus_id, site_id, responses (S, N, R)
       areas: V4                            # one label for all sites (optional)
+
+Several sessions under one root: put ``{session}`` in both paths (``images:
+"{session}/images"``, ``responses: "{session}/responses.npz"``) and pick today's with
+``target.session``. The other sessions can then train a shared core (``fit.backbone:
+pretrained_core``, ``fit.weights: auto``; :mod:`synth.surrogate.core`).
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from synth.runtime import file_sha256
 
 log = logging.getLogger(__name__)
 
-_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 def load_image_folder(folder: str | os.PathLike, stimulus_ids: list[str], *, image_size: int, grayscale: bool) -> tuple[torch.Tensor, dict[str, str]]:
@@ -47,12 +52,7 @@ def load_image_folder(folder: str | os.PathLike, stimulus_ids: list[str], *, ima
     from PIL import Image, UnidentifiedImageError
 
     folder = Path(folder)
-    if not folder.is_dir():
-        raise DataError(f"{folder}: image folder not found")
-    by_stem = {}
-    for p in folder.iterdir():
-        if p.suffix.lower() in _EXTS:
-            by_stem[p.stem] = p
+    by_stem = image_files(folder)
     out = np.empty((len(stimulus_ids), image_size, image_size, 1 if grayscale else 3), dtype=np.uint8)
     sums: dict[str, str] = {}
     for i, sid in enumerate(stimulus_ids):
@@ -85,6 +85,18 @@ def load_image_folder(folder: str | os.PathLike, stimulus_ids: list[str], *, ima
     return torch.from_numpy(out).permute(0, 3, 1, 2).float() / 255.0, sums
 
 
+def image_files(folder: str | os.PathLike) -> dict[str, Path]:
+    """``{stimulus_id: path}`` of the image files in a folder (``IMAGE_EXTS``).
+
+    Raises:
+        DataError: the folder does not exist.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: image folder not found")
+    return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_EXTS}
+
+
 def _is_gray(a: np.ndarray) -> bool:
     return a.ndim == 3 and bool(np.all(a[..., 0] == a[..., 1])) and bool(np.all(a[..., 1] == a[..., 2]))
 
@@ -97,6 +109,9 @@ class LabRecordingsTarget:
     images: str
     responses: str
     area: str = "V4"
+    root: str | None = None
+    session: str | None = None
+    templates: tuple[str, str] | None = None  # (images, responses) with {session}, when the root holds several sessions
 
     def __post_init__(self) -> None:
         self._rec = Recording.load(self.responses)
@@ -112,6 +127,15 @@ class LabRecordingsTarget:
         sums[str(self.responses)] = file_sha256(self.responses)
         return NaturalData(images=x, recording=rec, stimulus_id=rec.stimulus_id, info={"images": self.images, "responses": self.responses, "checksums": sums})
 
+    def sessions(self, *, image_size: int, grayscale: bool):
+        """The sessions under the root (:class:`~synth.data.sessions.LabSessions`), or
+        None when the paths name one session only."""
+        if self.templates is None:
+            return None
+        from synth.data.sessions import LabSessions
+
+        return LabSessions(str(self.root or "."), *self.templates, image_size=int(image_size), grayscale=bool(grayscale))
+
     def recorder(self, device: torch.device | str | None = None) -> None:  # noqa: ARG002
         """None: a lab's follow-up is recorded on the rig (then ``synth validate``)."""
         return None
@@ -119,14 +143,39 @@ class LabRecordingsTarget:
 
 @TARGETS.register("recordings")
 def build_lab_target(*, images: str, responses: str, area: str = "V4", name: str = "lab", root: str | None = None, session: str | None = None) -> LabRecordingsTarget:
-    """Builder for ``kind: recordings`` (paths relative to ``root`` when given)."""
-    if session is not None:
-        log.debug("session %s ignored by the recordings target", session)
+    """Builder for ``kind: recordings`` (paths relative to ``root`` when given; with
+    ``{session}`` in them, ``session`` fills it in)."""
+    from synth.data.sessions import SESSION_FIELD, has_session_field
+
     base = Path(root) if root else Path(".")
+    templates = None
+    if has_session_field(images, responses):
+        for key, t in (("params.images", images), ("params.responses", responses)):
+            if SESSION_FIELD not in t:
+                raise ConfigError(f"{t!r} has no {SESSION_FIELD} while the other path has one; put it in both", key=key)
+        templates = (images, responses)
+        if session is None:
+            raise ConfigError(f"the target's paths hold {SESSION_FIELD}; choose today's session with target.session", key="target.session")
+        session = str(session)
+        if not session or any(c in session for c in "/\\") or session in (".", ".."):
+            raise ConfigError(f"expected a session id (a folder name), got {session!r}", key="target.session")
+        images, responses = images.replace(SESSION_FIELD, session), responses.replace(SESSION_FIELD, session)
+    elif session is not None:
+        log.debug("session %s ignored by the recordings target (no {session} in its paths)", session)
     img = base / images
     resp = base / responses
+    if templates is not None and not (resp.is_file() and img.is_dir()):
+        from synth.data.sessions import LabSessions
+
+        present = LabSessions(str(base), *templates, image_size=1, grayscale=True).list_sessions()
+        raise ConfigError(
+            f"no session {session!r} under {base} ({resp} and {img} expected); sessions present: {', '.join(present) or 'none'}",
+            key="target.session",
+        )
     if not resp.exists():
         raise ConfigError(f"responses file not found: {resp}", key="params.responses")
     if not img.is_dir():
         raise ConfigError(f"image folder not found: {img}", key="params.images")
-    return LabRecordingsTarget(name=name, images=str(img), responses=str(resp), area=area)
+    return LabRecordingsTarget(
+        name=name, images=str(img), responses=str(resp), area=area, root=str(base), session=session, templates=templates
+    )

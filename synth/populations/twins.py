@@ -685,6 +685,12 @@ class Cowley2023Target:
         }
         return NaturalData(images=x, recording=rec, stimulus_id=ids, info=info)
 
+    def sessions(self, *, image_size: int, grayscale: bool):  # noqa: ARG002
+        """The sessions under this target's root, for a core (:class:`~synth.data.sessions.CowleySessions`)."""
+        from synth.data.sessions import CowleySessions
+
+        return CowleySessions(str(self.root))
+
     def reference_predictions(self, images: torch.Tensor, stimulus_ids: Sequence[str]) -> np.ndarray:  # noqa: ARG002
         """The calibrated twins' responses to natural images, by stimulus id.
 

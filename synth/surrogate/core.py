@@ -5,8 +5,9 @@ session, :func:`synth.surrogate.fit.fit_core`) and only a readout on today's nat
 images. With ``fit.backbone: pretrained_core`` and ``fit.weights: auto`` the pipeline
 calls :func:`ensure_core`, which
 
-1. plans the core (:func:`plan_core`): the sessions under the data root minus the
-   evaluated session (and ``fit.core.exclude``), the digital-twin "teachers" used for
+1. plans the core (:func:`plan_core`): the sessions under the data root (a Cowley
+   release, or a lab's own sessions found through ``{session}`` in a ``kind: recordings``
+   target's paths; :mod:`synth.data.sessions`) minus the evaluated session (and ``fit.core.exclude``), the digital-twin "teachers" used for
    distillation (never the evaluated session's own twins: those are its follow-up
    recorder), and a cache key = SHA-256 of the data files' checksums, the core config
    (less its time limit, less ``distill_images`` when there is no teacher, and less
@@ -183,6 +184,7 @@ class CorePlan:
 
     Attributes:
         root: data root.
+        source: where the sessions are read from (:mod:`synth.data.sessions`).
         evaluated: the evaluated session (never in ``sessions``; its twins never in ``teachers``).
         sessions: sessions whose recordings train the core.
         teachers: sessions whose digital twins label extra images.
@@ -203,20 +205,32 @@ class CorePlan:
     path: Path
     checksums: Mapping[str, str]
     config: CoreConfig
+    source: Any = None
 
 
-def plan_core(cc: CoreConfig, *, root: str | os.PathLike, evaluated: str, grayscale: bool, seed: int) -> CorePlan:
+def plan_core(cc: CoreConfig, *, root: str | os.PathLike | None = None, evaluated: str, grayscale: bool, seed: int, source=None) -> CorePlan:
     """Decide the core's sessions, teachers and cache key (cheap; validates the config).
+
+    Args:
+        cc: the ``fit.core`` section.
+        root: a Cowley et al. (2023) data root (when ``source`` is not given).
+        evaluated: the evaluated session (never trains the core).
+        grayscale: the experiment's image mode.
+        seed: the core's training seed.
+        source: the sessions (:class:`~synth.data.sessions.SessionSource`; default
+            :class:`~synth.data.sessions.CowleySessions` of ``root``).
 
     Raises:
         ConfigError: the evaluated session (or its twins) requested for the core, an
             unknown session, no session left, a teacher without twins.
     """
-    from synth.data import cowley
+    from synth.data.sessions import CowleySessions
 
-    root = str(root)
+    if source is None:
+        source = CowleySessions(str(root))
+    root = str(source.root)
     evaluated = str(evaluated)
-    present = cowley.list_sessions(root)
+    present = source.list_sessions()
     excluded = {evaluated, *(str(s) for s in cc.exclude)}
     if cc.sessions is None:
         sessions = [s for s in present if s not in excluded]
@@ -232,7 +246,7 @@ def plan_core(cc: CoreConfig, *, root: str | os.PathLike, evaluated: str, graysc
         sessions = [s for s in dict.fromkeys(sessions) if s not in excluded]
     if not sessions:
         raise ConfigError(f"no session left to train the core on under {root} (evaluated {evaluated}, excluded {sorted(excluded)})", key="fit.core.sessions")
-    with_twins = cowley.twin_sessions(root)
+    with_twins = source.twin_sessions()
     if cc.distill_twins == "none":
         teachers: list[str] = []
     elif cc.distill_twins == "auto":
@@ -250,11 +264,11 @@ def plan_core(cc: CoreConfig, *, root: str | os.PathLike, evaluated: str, graysc
         teachers = list(dict.fromkeys(teachers))
     checksums: dict[str, str] = {}
     for s in sorted(set(sessions) | set(teachers)):
-        for p in (cowley.images_path(root, s), cowley.averaged_path(root, s)):
-            checksums[f"{s}/{p.name}"] = file_sha256(p)
+        for name, p in source.checksum_files(s).items():
+            checksums[name] = file_sha256(p)
     for t in teachers:
-        for k, p in cowley.twin_files(root, t).items():
-            checksums[f"{t}/{p.name}"] = file_sha256(p)
+        for name, p in source.twin_files(t).items():
+            checksums[name] = file_sha256(p)
     from synth.configtools import to_dict
 
     cfg_d = to_dict(cc)
@@ -277,22 +291,21 @@ def plan_core(cc: CoreConfig, *, root: str | os.PathLike, evaluated: str, graysc
         cfg_d.pop("distill_jacobian_from_epoch", None)  # keeps the keys of cores trained before the option
     if not cfg_d.get("adversarial_eps"):
         cfg_d.pop("adversarial_eps", None)  # likewise
-    blob = json.dumps(
-        {
-            "version": CORE_CACHE_VERSION,
-            "config": cfg_d,
-            "sessions": sessions,
-            "teachers": teachers,
-            "grayscale": bool(grayscale),
-            "seed": int(seed),
-            "checksums": checksums,
-        },
-        sort_keys=True,
-        default=str,
-    )
+    keyed = {
+        "version": CORE_CACHE_VERSION,
+        "config": cfg_d,
+        "sessions": sessions,
+        "teachers": teachers,
+        "grayscale": bool(grayscale),
+        "seed": int(seed),
+        "checksums": checksums,
+    }
+    if source.kind != "cowley2023":
+        keyed["source"] = source.kind  # (the Cowley cores' keys predate other sources)
+    blob = json.dumps(keyed, sort_keys=True, default=str)
     key = hashlib.sha256(blob.encode()).hexdigest()
     path = cache_root(cc) / key[:24] / CORE_FILE
-    return CorePlan(root, evaluated, tuple(sessions), tuple(teachers), bool(grayscale), int(seed), key, path, checksums, cc)
+    return CorePlan(root, evaluated, tuple(sessions), tuple(teachers), bool(grayscale), int(seed), key, path, checksums, cc, source)
 
 
 def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -305,15 +318,6 @@ def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
         down = xb.shape[-1] > size
         out.append(F.interpolate(xb, size=(size, size), mode="bilinear", align_corners=False, antialias=down).clamp_(0, 1))
     return torch.cat(out)
-
-
-def _to_mode(x_rgb: torch.Tensor, grayscale: bool) -> torch.Tensor:
-    if not grayscale:
-        return x_rgb
-    from synth.data.cowley import LUMA
-
-    w = torch.tensor(LUMA, dtype=x_rgb.dtype).view(1, 3, 1, 1)
-    return (x_rgb * w).sum(dim=1, keepdim=True).clamp_(0.0, 1.0)
 
 
 def training_sets(plan: CorePlan, *, device: torch.device | str = "cpu") -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[str], dict[str, Any]]:
@@ -330,22 +334,20 @@ def training_sets(plan: CorePlan, *, device: torch.device | str = "cpu") -> tupl
     Raises:
         DataError: if the evaluated session would enter (a guard; ``plan_core`` excludes it).
     """
-    from synth.data import cowley
-
     if plan.evaluated in plan.sessions or plan.evaluated in plan.teachers:
         raise DataError(f"core plan includes the evaluated session {plan.evaluated}")
     cc = plan.config
+    source = _source(plan)
     size = int(cc.input_size)
     datasets: list[tuple[torch.Tensor, torch.Tensor]] = []
     names: list[str] = []
     native: dict[str, torch.Tensor] = {}
     counts: dict[str, dict[str, int]] = {}
     for s in plan.sessions:
-        _, x, rec = cowley.load_session(plan.root, s, image_size=cowley.NATIVE_SIZE, grayscale=False)
-        y = torch.as_tensor(rec.mean().T, dtype=torch.float32)
+        x, y = source.load(s)
         if plan.teachers:
             native[s] = x
-        datasets.append((_resize(_to_mode(x, plan.grayscale), size), y))
+        datasets.append((_resize(source.in_mode(x, plan.grayscale), size), y))
         names.append(s)
         counts[s] = {"images": int(x.shape[0]), "sites": int(y.shape[1])}
         log.info("core data: session %s, %d images, %d sites", s, x.shape[0], y.shape[1])
@@ -359,7 +361,7 @@ def training_sets(plan: CorePlan, *, device: torch.device | str = "cpu") -> tupl
         x_sel = pool[torch.as_tensor(idx)]
         if cc.distill_noise_images:
             x_sel = torch.cat([x_sel, noise_images(int(cc.distill_noise_images), pool, derive_seed(plan.seed, "core-distill-noise"))])
-        recs = {t: _teacher(plan.root, t, device) for t in plan.teachers}
+        recs = {t: source.teacher(t, device) for t in plan.teachers}
         n_synth: dict[str, int] = {}
         synth_seconds: dict[str, float] = {}
         if cc.distill_synth_images:
@@ -371,7 +373,7 @@ def training_sets(plan: CorePlan, *, device: torch.device | str = "cpu") -> tupl
                 n_synth[t], synth_seconds[t] = k, round(time.perf_counter() - t0, 1)
                 log.info("core data: %d images synthesized on the twins of %s (%.0f s)", k, t, synth_seconds[t])
         x_syn = torch.cat(parts) if cc.distill_synth_images else x_sel[:0]
-        x_core = _resize(_to_mode(torch.cat([x_sel, x_syn]), plan.grayscale), size)  # one copy for every teacher
+        x_core = _resize(source.in_mode(torch.cat([x_sel, x_syn]), plan.grayscale), size)  # one copy for every teacher
         for t in plan.teachers:
             rec_t = recs[t]
             t0 = time.perf_counter()
@@ -506,7 +508,7 @@ def jacobian_targets(plan: CorePlan, datasets: Sequence[tuple[torch.Tensor, torc
     for t in plan.teachers:
         name = f"twins:{t}"
         x, y = datasets[list(names).index(name)]
-        rec = _teacher(plan.root, t, device)
+        rec = _source(plan).teacher(t, device)
         rng = np.random.default_rng(derive_seed(plan.seed, "core-jacobian", t))
         sites = torch.as_tensor(rng.integers(0, y.shape[1], size=x.shape[0]), dtype=torch.int64)
         grads = torch.empty(x.shape, dtype=torch.float16)
@@ -526,11 +528,13 @@ def jacobian_targets(plan: CorePlan, datasets: Sequence[tuple[torch.Tensor, torc
     return out
 
 
-def _teacher(root: str, session: str, device: torch.device | str = "cpu"):
-    """A teacher session's twins, computed on ``device``, calibrated on that session's own natural images."""
-    from synth.populations.twins import build_cowley2023
+def _source(plan: CorePlan):
+    """The plan's session source (a Cowley root for plans made before sources existed)."""
+    if plan.source is not None:
+        return plan.source
+    from synth.data.sessions import CowleySessions
 
-    return build_cowley2023(root=root, session=session, followup_noise="none").recorder(device=device)
+    return CowleySessions(plan.root)
 
 
 def read_cached(plan: CorePlan) -> dict[str, Any] | None:

@@ -21,6 +21,7 @@ from PIL import Image
 from _shared import cowley_root, random_twin_state, requires_cowley
 from synth.configtools import from_dict
 from synth.data import cowley
+from synth.data.sessions import CowleySessions
 from synth.errors import ConfigError, DataError
 from synth.populations import twins
 from synth.surrogate import core as core_mod
@@ -120,7 +121,7 @@ def test_auto_weights_need_a_real_data_target():
     from synth.pipeline import plan_core_stage
 
     cfg = from_dict(Config, {"fit": {"backbone": "pretrained_core", "weights": "auto"}})
-    with pytest.raises(ConfigError, match="real-data target"):
+    with pytest.raises(ConfigError, match="other recording sessions under the target.s data root; target virtual_v4 has none"):
         plan_core_stage(cfg, SimpleNamespace(name="virtual_v4"))
     assert plan_core_stage(from_dict(Config, {}), SimpleNamespace(name="virtual_v4")) is None
 
@@ -221,7 +222,7 @@ def test_teachers_label_the_noise_images_too(fake_root, cache):
 
 
 def test_teacher_stimuli_drive_their_own_twin_and_are_seeded(fake_root, cache):
-    rec = core_mod._teacher(fake_root, "a1")
+    rec = CowleySessions(str(fake_root)).teacher("a1")
     _, natural, _ = cowley.load_session(fake_root, "a1", image_size=cowley.NATIVE_SIZE, grayscale=False)
     n_twins = rec.ensemble.n_twins
     a = core_mod.teacher_stimuli(rec, natural, 2 * n_twins, seed=4, steps=12)
@@ -379,7 +380,7 @@ def test_jacobian_targets_are_each_images_own_twin_gradient_seen_by_the_fourier_
     assert jt.grads.shape == x.shape and jt.sites.shape == (x.shape[0],) and jt.weight == 0.5 and jt.decay_power == 1.5
     assert int(jt.sites.min()) >= 0 and int(jt.sites.max()) < y.shape[1] and jt.sites.unique().numel() > 1
     assert torch.allclose(jt.grads.float().flatten(1).norm(dim=1), torch.ones(x.shape[0]), atol=1e-2)
-    rec = core_mod._teacher(fake_root, "a1")
+    rec = CowleySessions(str(fake_root)).teacher("a1")
     for i in (0, 5):
         xi = x[i : i + 1].clone().requires_grad_(True)
         (g,) = torch.autograd.grad(rec.site_model(int(jt.sites[i]))(xi).sum(), xi)
