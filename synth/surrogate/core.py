@@ -99,7 +99,8 @@ class CoreConfig:
         default=2.5, metadata={"min": 0.0, "help": "decay_power of the fourier view in which Jacobians are compared (the synthesis param's)"}
     )
     distill_jacobian_from_epoch: int = field(
-        default=1, metadata={"min": 1, "help": "first epoch (1-based) with Jacobian matching: later epochs only, after plain training"}
+        default=1, metadata={"min": 1, "help": "first epoch (1-based) with Jacobian matching, after plain training; the kept epoch "
+                             "(early stopping) is then one of the matched epochs"}
     )
     distill_synth_steps: int = field(default=64, metadata={"min": 1, "max": 10000, "help": "gradient steps per teacher-synthesized image"})
     backbone_kwargs: dict[str, Any] = field(
@@ -289,6 +290,8 @@ def plan_core(cc: CoreConfig, *, root: str | os.PathLike | None = None, evaluate
         cfg_d.pop("distill_jacobian_from_epoch", None)
     elif cfg_d.get("distill_jacobian_from_epoch") == 1:
         cfg_d.pop("distill_jacobian_from_epoch", None)  # keeps the keys of cores trained before the option
+    else:
+        cfg_d["jacobian_epoch_selection"] = "matched epochs only"  # since 2026-12-05 (was: any epoch)
     if not cfg_d.get("adversarial_eps"):
         cfg_d.pop("adversarial_eps", None)  # likewise
     keyed = {

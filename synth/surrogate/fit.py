@@ -752,7 +752,9 @@ def fit_core(
             and the targets (:func:`jacobian_loss`; those batches are not shifted, so the
             gradients stay where the targets were taken). None: plain training.
         jacobian_from_epoch: the first epoch (1-based) with the Jacobian term; earlier
-            epochs train as if there were no targets.
+            epochs train as if there were no targets. When it is above 1, early stopping
+            and the kept epoch are chosen among the matched epochs only (the plain
+            epochs are a warm start; a core without the matching is not what was asked).
 
     Returns:
         (core, report): ``core`` is a plain dict for :func:`save_core` (architecture,
@@ -833,6 +835,10 @@ def fit_core(
         backbone.train()
         readouts.train()
         jac_sum, jac_n = 0.0, 0
+        if jacobians and epoch + 1 == jacobian_from_epoch > 1:
+            log.info("core epoch %d: Jacobian matching begins; the kept epoch is chosen from here on (best plain epoch %d, val r %.4f)",
+                     epoch + 1, best_epoch, best_score)
+            best_score, bad = -math.inf, 0
         steps = [(k, idx) for k, s in enumerate(sessions) for idx in _batches(s["x_tr"].shape[0], cfg.batch_size, g_shuffle)]
         order = torch.randperm(len(steps), generator=g_shuffle).tolist()
         for j in order:

@@ -271,3 +271,23 @@ def test_fit_core_jacobian_matching_aligns_the_gradients_with_the_teachers():
         fit_core([(x, y)], cfg, names=["t"], jacobians={"u": targets})
     with pytest.raises(DataError, match="shape"):
         fit_core([(x, y)], cfg, names=["t"], jacobians={"t": dataclasses.replace(targets, grads=targets.grads[:, :, :8])})
+
+
+def test_fit_core_keeps_a_matched_epoch_when_matching_starts_late():
+    """With Jacobian matching from a later epoch, the kept core is one of the matched epochs,
+    even when the matching (here towards random gradients, at a large weight) costs
+    validation r that the plain epochs had: a plain core is not what was asked for."""
+    from synth.surrogate.fit import JacobianTargets, spectral_view
+
+    gen = torch.Generator().manual_seed(4)
+    x = toy_images(160, seed=3)
+    w = spectral_view(torch.randn(2, *x.shape[1:], generator=gen), 1.0)
+    y = torch.nn.functional.softplus(x.flatten(1) @ w.flatten(1).T * 0.05) + 0.1
+    sites = torch.randint(0, 2, (x.shape[0],), generator=gen)
+    wrong = JacobianTargets(sites=sites, grads=spectral_view(torch.randn(x.shape, generator=gen), 2.5), weight=50.0, decay_power=2.5)
+    cfg = from_dict(FitConfig, {**TINY_FIT, "epochs": 6})
+    _, plain = fit_core([(x, y)], cfg, seed=0, names=["t"])
+    _, late = fit_core([(x, y)], cfg, seed=0, names=["t"], jacobians={"t": wrong}, jacobian_from_epoch=4)
+    assert late["history"][:3] == plain["history"][:3]  # the plain epochs before matching ran alike
+    assert max(h["t"] for h in late["history"][3:]) < max(h["t"] for h in plain["history"][:3])  # matching cost val r
+    assert late["best_epoch"] >= 4, (late["best_epoch"], late["history"])
