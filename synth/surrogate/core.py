@@ -93,7 +93,7 @@ class CoreConfig:
         metadata={"min": 0.0, "help": "Jacobian matching: weight of 1 - cosine between the core's input gradient for one "
                   "teacher twin per distillation image and that twin's own, both seen through the fourier "
                   "preconditioner (distill_jacobian_decay); the teachers' batches then take about 7x as long (0: off; "
-                  "on 201025 it did not improve control: README)"},
+                  "on 201025 and 190923 it did not improve control: README)"},
     )
     distill_jacobian_decay: float = field(
         default=2.5, metadata={"min": 0.0, "help": "decay_power of the fourier view in which Jacobians are compared (the synthesis param's)"}
