@@ -28,7 +28,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from synth.errors import DataError
+from synth.errors import ConfigError, DataError
 
 #: The placeholder a ``kind: recordings`` target's paths use for the session id.
 SESSION_FIELD = "{session}"
@@ -120,9 +120,33 @@ def to_mode(x_rgb: torch.Tensor, grayscale: bool) -> torch.Tensor:
     return (x_rgb * w).sum(dim=1, keepdim=True).clamp_(0.0, 1.0)
 
 
-def has_session_field(*paths: str) -> bool:
-    """Whether any of ``paths`` holds the ``{session}`` placeholder."""
-    return any(SESSION_FIELD in str(p) for p in paths)
+def session_templates(images: str, responses: str) -> tuple[str, str] | None:
+    """The ``(images, responses)`` paths when both hold ``{session}``, None when neither does.
+
+    Raises:
+        ConfigError: only one of them holds it (named by its ``params`` key).
+    """
+    has = {"params.images": SESSION_FIELD in str(images), "params.responses": SESSION_FIELD in str(responses)}
+    if not any(has.values()):
+        return None
+    for key, t in (("params.images", images), ("params.responses", responses)):
+        if not has[key]:
+            raise ConfigError(f"{t!r} has no {SESSION_FIELD} while the other path has one; put it in both", key=key)
+    return str(images), str(responses)
+
+
+def find_sessions(root: str | os.PathLike, images: str, responses: str) -> list[str]:
+    """Session ids under ``root`` whose responses file and image folder (templates with
+    ``{session}``) both exist, sorted."""
+    parts = os.path.join(str(root), responses).split(SESSION_FIELD)
+    pattern = "*".join(glob.escape(p) for p in parts)
+    regex = re.compile(re.escape(parts[0]) + r"(?P<s>[^/\\]+)" + "".join(r"(?P=s)" * (i > 1) + re.escape(p) for i, p in enumerate(parts[1:], 1)) + "$")
+    found = set()
+    for p in glob.glob(pattern):
+        m = regex.match(p)
+        if m and Path(p).is_file() and (Path(root) / images.replace(SESSION_FIELD, m.group("s"))).is_dir():
+            found.add(m.group("s"))
+    return sorted(found)
 
 
 @dataclass(frozen=True)
@@ -145,24 +169,15 @@ class LabSessions:
     kind: str = "recordings"
 
     def __post_init__(self) -> None:
-        for key, t in (("params.images", self.images), ("params.responses", self.responses)):
-            if SESSION_FIELD not in t:
-                raise DataError(f"{key}: {t!r} has no {SESSION_FIELD} placeholder, so it names one session only")
+        if session_templates(self.images, self.responses) is None:
+            raise ConfigError(f"neither {self.images!r} nor {self.responses!r} holds {SESSION_FIELD}: they name one session only", key="params.images")
 
     def path(self, template: str, session: str) -> Path:
         return Path(self.root) / template.replace(SESSION_FIELD, session)
 
     def list_sessions(self) -> list[str]:
         """Sessions whose responses file and image folder both exist."""
-        parts = os.path.join(str(self.root), self.responses).split(SESSION_FIELD)
-        pattern = "*".join(glob.escape(p) for p in parts)
-        regex = re.compile(re.escape(parts[0]) + r"(?P<s>[^/\\]+)" + "".join(r"(?P=s)" * (i > 1) + re.escape(p) for i, p in enumerate(parts[1:], 1)) + "$")
-        found = set()
-        for p in glob.glob(pattern):
-            m = regex.match(p)
-            if m and Path(p).is_file() and self.path(self.images, m.group("s")).is_dir():
-                found.add(m.group("s"))
-        return sorted(found)
+        return find_sessions(self.root, self.images, self.responses)
 
     def checksum_files(self, session: str) -> dict[str, Path]:
         from synth.data.recordings import Recording

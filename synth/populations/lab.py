@@ -145,15 +145,11 @@ class LabRecordingsTarget:
 def build_lab_target(*, images: str, responses: str, area: str = "V4", name: str = "lab", root: str | None = None, session: str | None = None) -> LabRecordingsTarget:
     """Builder for ``kind: recordings`` (paths relative to ``root`` when given; with
     ``{session}`` in them, ``session`` fills it in)."""
-    from synth.data.sessions import SESSION_FIELD, has_session_field
+    from synth.data.sessions import SESSION_FIELD, find_sessions, session_templates
 
     base = Path(root) if root else Path(".")
-    templates = None
-    if has_session_field(images, responses):
-        for key, t in (("params.images", images), ("params.responses", responses)):
-            if SESSION_FIELD not in t:
-                raise ConfigError(f"{t!r} has no {SESSION_FIELD} while the other path has one; put it in both", key=key)
-        templates = (images, responses)
+    templates = session_templates(images, responses)
+    if templates is not None:
         if session is None:
             raise ConfigError(f"the target's paths hold {SESSION_FIELD}; choose today's session with target.session", key="target.session")
         session = str(session)
@@ -165,9 +161,7 @@ def build_lab_target(*, images: str, responses: str, area: str = "V4", name: str
     img = base / images
     resp = base / responses
     if templates is not None and not (resp.is_file() and img.is_dir()):
-        from synth.data.sessions import LabSessions
-
-        present = LabSessions(str(base), *templates, image_size=1, grayscale=True).list_sessions()
+        present = find_sessions(base, *templates)
         raise ConfigError(
             f"no session {session!r} under {base} ({resp} and {img} expected); sessions present: {', '.join(present) or 'none'}",
             key="target.session",

@@ -206,7 +206,7 @@ class CorePlan:
     path: Path
     checksums: Mapping[str, str]
     config: CoreConfig
-    source: Any = None
+    source: Any
 
 
 def plan_core(cc: CoreConfig, *, root: str | os.PathLike | None = None, evaluated: str, grayscale: bool, seed: int, source=None) -> CorePlan:
@@ -340,7 +340,7 @@ def training_sets(plan: CorePlan, *, device: torch.device | str = "cpu") -> tupl
     if plan.evaluated in plan.sessions or plan.evaluated in plan.teachers:
         raise DataError(f"core plan includes the evaluated session {plan.evaluated}")
     cc = plan.config
-    source = _source(plan)
+    source = plan.source
     size = int(cc.input_size)
     datasets: list[tuple[torch.Tensor, torch.Tensor]] = []
     names: list[str] = []
@@ -511,7 +511,7 @@ def jacobian_targets(plan: CorePlan, datasets: Sequence[tuple[torch.Tensor, torc
     for t in plan.teachers:
         name = f"twins:{t}"
         x, y = datasets[list(names).index(name)]
-        rec = _source(plan).teacher(t, device)
+        rec = plan.source.teacher(t, device)
         rng = np.random.default_rng(derive_seed(plan.seed, "core-jacobian", t))
         sites = torch.as_tensor(rng.integers(0, y.shape[1], size=x.shape[0]), dtype=torch.int64)
         grads = torch.empty(x.shape, dtype=torch.float16)
@@ -529,15 +529,6 @@ def jacobian_targets(plan: CorePlan, datasets: Sequence[tuple[torch.Tensor, torc
         log.info("core data: twins of %s gave %d input gradients for Jacobian matching (%.0f s)", t, x.shape[0], time.perf_counter() - t0)
         out[name] = JacobianTargets(sites=sites, grads=grads, weight=float(cc.distill_jacobian), decay_power=float(cc.distill_jacobian_decay))
     return out
-
-
-def _source(plan: CorePlan):
-    """The plan's session source (a Cowley root for plans made before sources existed)."""
-    if plan.source is not None:
-        return plan.source
-    from synth.data.sessions import CowleySessions
-
-    return CowleySessions(plan.root)
 
 
 def read_cached(plan: CorePlan) -> dict[str, Any] | None:

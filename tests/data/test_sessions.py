@@ -52,8 +52,10 @@ def test_lab_sessions_are_found_through_the_placeholder(tmp_path, images, respon
 
 
 def test_lab_sessions_refuse_a_path_without_the_placeholder_and_a_wrong_mode(tmp_path):
-    with pytest.raises(DataError, match="params.images: 'images' has no \\{session\\}"):
+    with pytest.raises(ConfigError, match="params.images: 'images' has no \\{session\\} while the other path has one"):
         LabSessions(str(tmp_path), "images", "{session}/r.npz", image_size=16, grayscale=True)
+    with pytest.raises(ConfigError, match="name one session only"):
+        LabSessions(str(tmp_path), "a/images", "a/r.npz", image_size=16, grayscale=True)
     _session(tmp_path, "{session}/images", "{session}/r.npz", "a")
     src = LabSessions(str(tmp_path), "{session}/images", "{session}/r.npz", image_size=16, grayscale=True)
     x, _ = src.load("a")
