@@ -294,13 +294,13 @@ def test_lab_core_trains_on_the_labs_other_sessions(tmp_path, capsys, monkeypatc
     for k, s in enumerate(("2026-11-30", "2026-12-01", "2026-12-07")):
         make_lab_session(root, session=s, seed=k, sites=2 + k)
     (root / "notes").mkdir()  # not a session: no responses file
-    target = yaml.safe_load((REPO / "targets" / "lab_example.yaml").read_text())
-    target["params"].update(images="{session}/images", responses="{session}/responses.npz")
-    (tmp_path / "lab_target.yaml").write_text(yaml.safe_dump(target))
-    data = yaml.safe_load(lab_cfg(tmp_path, root).read_text())
-    data["target"].update(file=str(tmp_path / "lab_target.yaml"), session="2026-12-07")
-    data["fit"].update(backbone="pretrained_core", weights="auto", backbone_kwargs={}, input_size=None,
-                       core={"backbone_kwargs": {"channels": 4, "n_layers": 2}, "input_size": 32, "epochs": 2, "batch_size": 8})
+    data = yaml.safe_load((REPO / "configs" / "lab_sessions.yaml").read_text())  # the shipped config, made tiny
+    data["target"].update(file=str(REPO / "targets" / "lab_example.yaml"), root=str(root), session="2026-12-07")
+    data.update({"device": "cpu", "data": {"image_size": 32, "grayscale": True}})
+    data["fit"].update(epochs=2, split={"train": 0.6, "val": 0.2, "test": 0.2})
+    data["fit"]["core"].update(backbone_kwargs={"channels": 4, "n_layers": 2}, input_size=32, epochs=2, batch_size=8, precision="fp32")
+    data["stimuli"].update(seeds_per_target=1, batch_size=4)
+    data["synthesis"].update(steps=4, batch_size=4, precision="fp32")
     cfg = write_cfg(tmp_path / "lab_core.yaml", data)
     code, _, err = run_cli(["run", cfg, "--out", tmp_path / "run1", "-q"], capsys)
     assert code == 0, err
