@@ -240,9 +240,14 @@ def to_tensor(images: np.ndarray, *, image_size: int = NATIVE_SIZE, grayscale: b
     if x.shape[-2:] != (image_size, image_size):
         x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True).clamp_(0.0, 1.0)
     if grayscale:
-        w = torch.tensor(LUMA, dtype=x.dtype).view(1, 3, 1, 1)
-        x = (x * w).sum(dim=1, keepdim=True).clamp_(0.0, 1.0)
+        x = to_luminance(x)
     return x.contiguous()
+
+
+def to_luminance(x_rgb: torch.Tensor) -> torch.Tensor:
+    """``(N, 3, H, W)`` RGB in [0, 1] to ``(N, 1, H, W)`` luminance (BT.601 weights ``LUMA``)."""
+    w = torch.tensor(LUMA, dtype=x_rgb.dtype).view(1, 3, 1, 1)
+    return (x_rgb * w).sum(dim=1, keepdim=True).clamp_(0.0, 1.0)
 
 
 def load_session(root: str | os.PathLike, session: str, *, image_size: int = NATIVE_SIZE, grayscale: bool = False) -> tuple[np.ndarray, torch.Tensor, Recording]:

@@ -111,13 +111,10 @@ class CowleySessions:
 
 
 def to_mode(x_rgb: torch.Tensor, grayscale: bool) -> torch.Tensor:
-    """RGB images to one luminance channel (ITU-R 601 weights) when ``grayscale``."""
-    if not grayscale:
-        return x_rgb
-    from synth.data.cowley import LUMA
+    """RGB images to one luminance channel (BT.601 weights) when ``grayscale``."""
+    from synth.data.cowley import to_luminance
 
-    w = torch.tensor(LUMA, dtype=x_rgb.dtype).view(1, 3, 1, 1)
-    return (x_rgb * w).sum(dim=1, keepdim=True).clamp_(0.0, 1.0)
+    return to_luminance(x_rgb) if grayscale else x_rgb
 
 
 def session_templates(images: str, responses: str) -> tuple[str, str] | None:
