@@ -86,14 +86,14 @@ class CoreConfig:
         metadata={"min": 0, "help": "images synthesized by gradient ascent on the teachers' own twins (stretch of one twin "
                   "each, the closed-loop recipe: TEACHER_SYNTHESIS), then labelled by every teacher: responses to stimuli "
                   "like those the loop makes, as past sessions' recorded synthetic images would give (0: none; "
-                  "1000 on 201025 gave no gain: README)"},
+                  "1000 on 201025 gave no gain: docs/cowley2023.md)"},
     )
     distill_jacobian: float = field(
         default=0.0,
         metadata={"min": 0.0, "help": "Jacobian matching: weight of 1 - cosine between the core's input gradient for one "
                   "teacher twin per distillation image and that twin's own, both seen through the fourier "
                   "preconditioner (distill_jacobian_decay); the teachers' batches then take about 7x as long (0: off; "
-                  "on 201025 and 190923 it did not improve control: README)"},
+                  "on 201025 and 190923 it did not improve control: docs/cowley2023.md)"},
     )
     distill_jacobian_decay: float = field(
         default=2.5, metadata={"min": 0.0, "help": "decay_power of the fourier view in which Jacobians are compared (the synthesis param's)"}
@@ -129,7 +129,7 @@ class CoreConfig:
         default=0.0,
         metadata={"min": 0.0, "help": "adversarial training: each training image moved one L2 step of this length "
                   "([0, 1] pixels at input_size) up the loss gradient, about 1.6x the time per epoch (0: off; "
-                  "on 201025's member core, 0.15 and 0.5 lowered the stretch figures: README)"},
+                  "on 201025's member core, 0.15 and 0.5 lowered the stretch figures: docs/cowley2023.md)"},
     )
     val_fraction: float = field(default=0.1, metadata={"min": 0.01, "max": 0.5, "help": "per-session images for early stopping"})
     max_minutes: float | None = field(default=55.0, metadata={"min": 0.0, "help": "time limit of the whole core stage (data, twin labelling, training): no epoch is started that would end past it; the best epoch is kept"})

@@ -275,7 +275,7 @@ def l2_adversarial(
 
     Training on them is adversarial training, reported to make a model's input gradients
     smoother and the images synthesized on it more transferable (on this project's V4
-    data it did not help; README).
+    data it did not help; docs/cowley2023.md).
 
     Args:
         model: images -> predictions.

@@ -7,7 +7,7 @@ natural image (the surrogate's predictions, or the recorded responses), and the 
 of an (objective, target) group, in job order (the k-th seed of that target), starts
 from the k-th best natural image. On real V4 data this keeps synthesis nearer the
 natural images, where the surrogate's gradients agree best with the neurons' own (see
-the README's measurements).
+docs/cowley2023.md).
 
 Example:
     >>> import torch

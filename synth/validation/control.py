@@ -41,7 +41,7 @@ natural means), then the halves swap, and the two figures are averaged. It leans
 other way: an image picked among many on noise falls back more on fresh trials, so the
 natural set's pick loses more than a target's; and fewer trials score each image. Neither
 is the truth: on the Cowley 2023 twins the two bracketed the figures on the twins'
-expected (noise-free) responses (README), which a real recording does not have. It needs
+expected (noise-free) responses (docs/cowley2023.md), which a real recording does not have. It needs
 two repeats per image (None otherwise). Its 95% CI (``held_out_repeats["ci95"]``) resamples
 the targets (the same draws as above) and splits every image's trials into halves anew at
 random (the same split for all sites; its own seeded stream, so the other intervals are
