@@ -299,6 +299,8 @@ def test_lab_core_trains_on_the_labs_other_sessions(tmp_path, capsys, monkeypatc
     data.update({"device": "cpu", "data": {"image_size": 32, "grayscale": True}})
     data["fit"].update(epochs=2, split={"train": 0.6, "val": 0.2, "test": 0.2})
     data["fit"]["core"].update(backbone_kwargs={"channels": 4, "n_layers": 2}, input_size=32, epochs=2, batch_size=8, precision="fp32")
+    assert len(data["fit"]["ensemble"]) == 1  # the shipped member core, made tiny too
+    data["fit"]["ensemble"][0]["core"].update(input_size=16, epochs=1)
     data["stimuli"].update(seeds_per_target=1, batch_size=4)
     data["synthesis"].update(steps=4, batch_size=4, precision="fp32")
     cfg = write_cfg(tmp_path / "lab_core.yaml", data)
@@ -309,10 +311,14 @@ def test_lab_core_trains_on_the_labs_other_sessions(tmp_path, capsys, monkeypatc
     assert rep["core"]["excluded_session"] == "2026-12-07" and rep["core"]["distill_twins"] == []
     assert rep["core"]["data"]["sessions"] == {"2026-11-30": {"images": 40, "sites": 2}, "2026-12-01": {"images": 40, "sites": 3}}
     assert rep["fit"]["n_sites"] == 4  # today's session's sites, on the core of the other two
+    (member,) = rep["ensemble_cores"]  # the member's own core, on the same sessions
+    assert member["cache"] == "miss" and member["sessions"] == rep["core"]["sessions"] and member["key"] != rep["core"]["key"]
+    assert len(rep["fit"]["ensemble"]) == 2
     code, _, err = run_cli(["run", cfg, "--out", tmp_path / "run2", "-q"], capsys)
     assert code == 0, err
     rep2 = json.loads((tmp_path / "run2" / "report.json").read_text())
     assert rep2["core"]["cache"] == "hit" and rep2["core"]["key"] == rep["core"]["key"]
+    assert rep2["ensemble_cores"][0]["cache"] == "hit"
     # a changed image of a past session is new training data: a new core
     from PIL import Image
 
