@@ -2,12 +2,11 @@
 the configs, targets and synth subcommands they name."""
 from __future__ import annotations
 
+import argparse
 import re
 from pathlib import Path
 
 import pytest
-
-import argparse
 
 from synth.cli import _parser
 
@@ -19,8 +18,8 @@ SYNTH_CMD = re.compile(r"`synth ([a-z]+)(?: ([a-z]+))?")
 
 
 def _anchor(heading: str) -> str:
-    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
-    return re.sub(r"[^a-z0-9 \-]", "", heading.strip().lower()).replace(" ", "-")
+    """GitHub's anchor for an ASCII heading: lower case, punctuation but ``-`` and ``_`` dropped, spaces to hyphens."""
+    return re.sub(r"[^a-z0-9 _\-]", "", heading.strip().lower()).replace(" ", "-")
 
 
 def _anchors(path: Path) -> set[str]:
