@@ -67,6 +67,21 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--seed", type=int, default=0, help="seed for split halves and bootstrap")
     v.add_argument("--n-splits", type=int, default=20, help="random split-halves for reliability (>= 10)")
 
+    rc = sub.add_parser("record", parents=[common], help="a simulated subject records a finished run's images (a dry run of the rig)",
+                        epilog=EPILOG,
+                        description="Show a finished run's natural images and stimuli to a simulated subject (a targets file whose "
+                        "target simulates its sites: a Cowley 2023 session's digital twins, the virtual population) and write its "
+                        "recording as synth validate --recordings reads it, with trial noise. A lab rehearses Monday's path on a run "
+                        "of its own recordings: synth run, synth record, synth validate. The subject must have every site of the run.")
+    rc.add_argument("run_dir", help="a finished run folder (config.resolved.yaml, natural.npz, manifest.csv, stimuli/)")
+    rc.add_argument("--out", required=True, metavar="FILE", help="recording to create, .npz or .csv (never overwritten); FILE.json beside it says how it was made")
+    rc.add_argument("--subject", metavar="TARGETS_YAML", help="the simulated subject (default: the run's own target, if it is simulated)")
+    rc.add_argument("--set", dest="params", action="append", default=[], metavar="KEY=VALUE",
+                    help="the subject's params, e.g. --set root=data/cowley2023_v4 --set session=190923 (repeatable)")
+    rc.add_argument("--repeats", type=int, default=None, metavar="N", help="trials per image (default: the run's followup.n_repeats)")
+    rc.add_argument("--seed", type=int, default=None, help="the recording's seed (default: the run's; then a simulated run's followup.npz is repeated)")
+    rc.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where the subject computes (default: the run's device)")
+
     b = sub.add_parser("bench", parents=[common], help="benchmarks that print figures")
     bsub = b.add_subparsers(dest="bench", metavar="WHAT")
     bsub.required = True
@@ -115,7 +130,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="override a value of the run's config (e.g. the target's trial noise)")
     br.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override the run's device")
 
-    d = sub.add_parser("data", parents=[common], help="data sets: download")
+    d = sub.add_parser("data", parents=[common], help="data sets: download, write in a lab's layout")
     dsub = d.add_subparsers(dest="data_command", metavar="ACTION")
     dsub.required = True
     f = dsub.add_parser("fetch", parents=[common], help="download a public data set with SHA-256 checks")
@@ -123,6 +138,15 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--root", default="data/cowley2023_v4", help="destination folder (default data/cowley2023_v4)")
     f.add_argument("--mirror", metavar="DIR", help="copy from a local mirror folder instead of the internet")
     f.add_argument("--base-url", help="alternative base URL with the same layout")
+    e = dsub.add_parser("export", parents=[common], help="write a data set's sessions in a lab's layout (images/ + responses.npz)",
+                        description="Write the sessions as <OUT>/<session>/images/<stimulus_id>.png (8-bit RGB, as recorded) and "
+                        "<OUT>/<session>/responses.npz (repeat-averaged): the layout of configs/lab_sessions.yaml, to rehearse a "
+                        "lab's path on real V4 data (synth run, synth record with a session's twins, synth validate). GPL-3.0 like "
+                        "the source: keep the copies out of any repository.")
+    e.add_argument("dataset", choices=["cowley2023"], help="data set name")
+    e.add_argument("--root", required=True, help="the data set's folder (as synth data fetch wrote it)")
+    e.add_argument("--out", required=True, metavar="DIR", help="folder to create (never overwritten)")
+    e.add_argument("--sessions", nargs="+", metavar="ID", help="only these sessions (default: all under --root)")
     return p
 
 
@@ -212,6 +236,14 @@ def _cmd_validate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_record(a: argparse.Namespace) -> int:
+    from synth.record import record_run, summary_line
+
+    info = record_run(a.run_dir, a.out, subject=a.subject, params=a.params, n_repeats=a.repeats, seed=a.seed, device=a.device)
+    sys.stdout.write(summary_line(info, a.out) + "\n")
+    return 0
+
+
 def _cmd_bench(a: argparse.Namespace) -> int:
     def write(line: str) -> None:
         sys.stdout.write(line + "\n")
@@ -263,26 +295,13 @@ def _bench_ceiling(a: argparse.Namespace, write) -> int:
     return 0
 
 
-def _finished_run(run_dir: str, *also: str):
-    """``(run, run / config.resolved.yaml)``; a UserError unless those and ``also`` are there."""
-    from pathlib import Path
-
-    from synth.pipeline import RESOLVED
-
-    run = Path(run_dir)
-    for need in (RESOLVED, *also):
-        if not (run / need).is_file():
-            raise UserError(f"{run_dir}: no {need} in it; not a finished synth run folder")
-    return run, run / RESOLVED
-
-
 def _bench_gradients(a: argparse.Namespace, write) -> int:
     import json
 
     import numpy as np
 
     from synth.config import load_config
-    from synth.pipeline import load_natural, load_target, synthesizing_surrogates
+    from synth.pipeline import finished_run, load_natural, load_target, synthesizing_surrogates
     from synth.populations.alignment import gradient_alignment
     from synth.runtime import resolve_device
     from synth.surrogate.model import Surrogate
@@ -292,7 +311,7 @@ def _bench_gradients(a: argparse.Namespace, write) -> int:
         raise UserError(f"--images: expected a positive number, got {a.images}")
     if a.sites is not None and a.sites < 1:
         raise UserError(f"--sites: expected a positive number, got {a.sites}")
-    run, resolved = _finished_run(a.run_dir)
+    run, resolved = finished_run(a.run_dir)
     cfg = load_config(resolved)
     device = resolve_device(a.device or cfg.device)
     files = [run / f for f in synthesizing_surrogates(cfg)]
@@ -346,14 +365,14 @@ def _bench_redraw(a: argparse.Namespace, write) -> int:
 
     from synth.config import load_config
     from synth.data.stimuli import read_stimulus_set
-    from synth.pipeline import load_natural, load_target
+    from synth.pipeline import finished_run, load_natural, load_target
     from synth.runtime import derive_seed, resolve_device
     from synth.validation.io import read_manifest
     from synth.validation.redraw import FIGURES, redraw_figures
 
     if a.draws < 2:
         raise UserError(f"--draws: expected at least 2, got {a.draws}")
-    run, resolved = _finished_run(a.run_dir, "manifest.csv", "report.json")
+    run, resolved = finished_run(a.run_dir, "manifest.csv", "report.json")
     cfg = load_config(resolved, a.overrides)
     device = resolve_device(a.device or cfg.device)
     target = _in_config(lambda: load_target(cfg, str(run)), str(resolved))
@@ -387,6 +406,12 @@ def _bench_redraw(a: argparse.Namespace, write) -> int:
 def _cmd_data(a: argparse.Namespace) -> int:
     from synth.data.fetch import fetch_dataset
 
+    if a.data_command == "export":
+        from synth.data.cowley import write_lab_layout
+
+        done = write_lab_layout(a.root, a.out, sessions=a.sessions)
+        sys.stdout.write(f"{len(done)} sessions written to {a.out}: {', '.join(done)}\n")
+        return 0
     paths = fetch_dataset(a.dataset, a.root, base_url=a.base_url, mirror=a.mirror)
     sys.stdout.write(f"{len(paths)} files verified in {a.root}\n")
     return 0
@@ -409,7 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     a = parser.parse_args(argv)
     _setup_logging(a.debug, a.quiet)
-    handler = {"run": _cmd_run, "check": _cmd_check, "validate": _cmd_validate, "bench": _cmd_bench, "data": _cmd_data}[a.command]
+    handler = {"run": _cmd_run, "check": _cmd_check, "validate": _cmd_validate, "record": _cmd_record, "bench": _cmd_bench, "data": _cmd_data}[a.command]
     try:
         return handler(a)
     except UserError as err:

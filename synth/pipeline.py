@@ -381,15 +381,13 @@ def _run_stages(
     with timer("followup"):
         from synth.data.stimuli import read_stimulus_set
 
+        from synth.populations.followup import record_followup
+
         stim = read_stimulus_set(stim_dir)
         ids = list(nat.stimulus_id) + list(stim.stimulus_id)
-        images = torch.cat([x, stim.images], dim=0)
-        # The simulated sites' noise-free responses (the truth a real recording only
-        # estimates), computed once: the noisy trials are drawn around them.
-        mean = recorder.expected(images)
-        first = 0 if cfg.followup.record_natural else x.shape[0]
-        followup = recorder.record(
-            images[first:], ids[first:], n_repeats=cfg.followup.n_repeats, seed=derive_seed(cfg.seed, "followup"), expected=mean[first:]
+        followup, mean = record_followup(
+            recorder, x, nat.stimulus_id, stim.images, stim.stimulus_id, n_repeats=cfg.followup.n_repeats,
+            seed=followup_seed(cfg.seed), record_natural=cfg.followup.record_natural,
         )
         if not cfg.followup.record_natural:
             # The natural maxima and z-scores then come from the original natural recording.
@@ -415,6 +413,11 @@ def _run_stages(
         report.update(control)
         report["noise_free"] = _noise_free_figures(run, mean, ids, recorder.site_ids, list(nat.stimulus_id), cfg.followup.n_repeats)
     return report
+
+
+def followup_seed(seed: int) -> int:
+    """The seed of the follow-up recording of a run with seed ``seed`` (``synth run``, ``synth record``)."""
+    return derive_seed(seed, "followup")
 
 
 def _noise_free_figures(
@@ -668,6 +671,19 @@ def _detach_log() -> None:
         logging.getLogger("synth").removeHandler(_LOG_HANDLER)
         _LOG_HANDLER.close()
         _LOG_HANDLER = None
+
+
+def finished_run(run_dir: str | os.PathLike, *also: str) -> tuple[Path, Path]:
+    """``(run, run / config.resolved.yaml)`` of a finished run folder.
+
+    Raises:
+        UserError: ``config.resolved.yaml`` or one of ``also`` is not in it.
+    """
+    run = Path(run_dir)
+    for need in (RESOLVED, *also):
+        if not (run / need).is_file():
+            raise UserError(f"{run_dir}: no {need} in it; not a finished synth run folder")
+    return run, run / RESOLVED
 
 
 def resume_config(partial: str | os.PathLike) -> tuple[Config, str]:

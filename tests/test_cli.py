@@ -154,7 +154,7 @@ def test_debug_shows_the_traceback(tmp_path):
         main(["run", str(cfg), "--debug"])
 
 
-@pytest.mark.parametrize("argv", [[], ["run"], ["check"], ["validate"], ["bench", "synthesis"], ["bench", "ceiling"], ["bench", "gradients"], ["bench", "redraw"], ["data", "fetch"]])
+@pytest.mark.parametrize("argv", [[], ["run"], ["check"], ["validate"], ["record"], ["bench", "synthesis"], ["bench", "ceiling"], ["bench", "gradients"], ["bench", "redraw"], ["data", "fetch"]])
 def test_help_for_every_command(capsys, argv):
     with pytest.raises(SystemExit) as e:
         main(argv + ["--help"])

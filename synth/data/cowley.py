@@ -311,3 +311,62 @@ def twin_sessions(root: str | os.PathLike) -> list[str]:
             if m:
                 found.add(m.group(1))
     return sorted(found)
+
+
+def write_lab_layout(root: str | os.PathLike, out: str | os.PathLike, *, sessions: list[str] | None = None) -> list[str]:
+    """Write sessions in a lab's layout: ``<out>/<session>/images/<stimulus_id>.png`` and
+    ``<out>/<session>/responses.npz``.
+
+    That is the layout of ``targets/lab_example.yaml`` with ``{session}`` paths
+    (``configs/lab_sessions.yaml``), so a lab can run its own path on real V4 data, with a
+    session's digital twins as the subject of ``synth record``. Images are the published
+    JPEGs decoded to 8-bit RGB PNGs (112 px, as recorded); responses are the
+    repeat-averaged ones, with the loader's ids. Written in a hidden sibling folder and
+    renamed when complete; ``out`` must not exist. The copies are GPL-3.0 like the source.
+
+    Args:
+        root: data root (the layout in the module docstring).
+        out: folder to create.
+        sessions: session ids (default: every session under ``root``).
+
+    Returns:
+        The sessions written.
+
+    Raises:
+        DataError: ``out`` exists, an unknown session, a missing or corrupt file.
+    """
+    import shutil
+    import tempfile
+
+    from PIL import Image
+
+    from synth.runtime import progress
+
+    out = Path(out)
+    if out.exists():
+        raise DataError(f"{out}: exists; choose a new folder (nothing is overwritten)")
+    have = list_sessions(root)
+    sessions = have if sessions is None else [str(s) for s in sessions]
+    unknown = [s for s in sessions if s not in have]
+    if unknown:
+        raise DataError(f"{Path(root)}: no session '{unknown[0]}'; sessions present: {', '.join(have) or '(none)'}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        for s in progress(sessions, desc="sessions written", total=len(sessions)):
+            _check_session(root, s)
+            rec = load_averaged(root, s)
+            raw = read_zip_images(images_path(root, s))
+            if raw.shape[0] != rec.n_stimuli:
+                raise DataError(f"{images_path(root, s)}: {raw.shape[0]} images but {averaged_path(root, s)} has {rec.n_stimuli} response columns")
+            d = work / s / "images"
+            d.mkdir(parents=True)
+            for sid, a in zip(rec.stimulus_id, raw):
+                Image.fromarray(a, "RGB").save(d / f"{sid}.png")
+            np.savez(work / s / "responses.npz", stimulus_id=rec.stimulus_id, site_id=rec.site_id, responses=rec.responses)
+            log.info("session %s: %d images, %d sites", s, rec.n_stimuli, rec.n_sites)
+        os.replace(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return sessions

@@ -53,6 +53,37 @@ def _make_root(tmp: Path, session: str, jpegs: list[bytes], responses: np.ndarra
 # --------------------------------------------------------------------------- synthetic
 
 
+def test_write_lab_layout_is_read_back_by_the_lab_target_as_the_loader_reads_it(tmp_path):
+    """``synth data export``: each session becomes images/<id>.png + responses.npz, which a lab
+    target with {session} paths loads to the same ids, pixels and responses as the loader."""
+    from synth.cli import main
+    from synth.populations.lab import build_lab_target
+
+    jpegs = [_jpeg(s) for s in range(5)]
+    resp = np.arange(3 * 5, dtype=float).reshape(3, 5)
+    root = _make_root(tmp_path, "999001", jpegs, resp, order=[2, 0, 4, 1, 3])
+    _make_root(tmp_path, "999002", jpegs[:4], resp[:2, :4] + 1)
+    out = tmp_path / "lab"
+    assert main(["data", "export", "cowley2023", "--root", str(root), "--out", str(out), "-q"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lab", "root"]  # no work folder left behind
+    for session, n in (("999001", 5), ("999002", 4)):
+        ids, x, rec = cowley.load_session(root, session)
+        target = build_lab_target(images="{session}/images", responses="{session}/responses.npz", root=str(out), session=session)
+        nat = target.natural(image_size=112, grayscale=False, seed=0)
+        assert list(nat.stimulus_id) == list(ids) and len(ids) == n
+        assert torch.equal(nat.images, x)  # lossless: the decoded JPEG, pixel for pixel
+        assert list(nat.recording.site_id) == list(rec.site_id)
+        np.testing.assert_array_equal(nat.recording.responses, rec.responses)
+    assert main(["data", "export", "cowley2023", "--root", str(root), "--out", str(out), "-q"]) == 2  # never overwritten
+    with pytest.raises(DataError, match="no session '999003'"):
+        cowley.write_lab_layout(root, tmp_path / "other", sessions=["999003"])
+    (cowley.averaged_path(root, "999002")).write_bytes(b"broken")
+    with pytest.raises(DataError, match="responses_999002.npy"):
+        cowley.write_lab_layout(root, tmp_path / "other")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lab", "root"]  # a failed export leaves nothing
+
+
+
 def test_members_matched_by_base_name_in_folder_and_shuffled(tmp_path):
     jpegs = [_jpeg(s) for s in range(6)]
     resp = np.arange(2 * 6, dtype=float).reshape(2, 6)
