@@ -58,8 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", parents=[common], help="score predictions against follow-up recordings",
                        description="Join predictions and recordings on stimulus_id/site_id; write report.json and report.html.")
     v.add_argument("--predictions", required=True, metavar="PRED", help=".npz with stimulus_id, site_id, predicted (N, S)")
-    v.add_argument("--recordings", required=True, metavar="REC",
-                   help=".npz with stimulus_id, site_id, responses (S, N, R) NaN-padded, or long CSV stimulus_id,site_id,repeat,response")
+    v.add_argument("--recordings", required=True, action="append", metavar="REC",
+                   help=".npz with stimulus_id, site_id, responses (S, N, R) NaN-padded, or long CSV stimulus_id,site_id,repeat,response; "
+                   "repeat it to join files, e.g. the follow-up and the natural set's original recording (each image from one file)")
     v.add_argument("--out", required=True, metavar="DIR", help="report folder to create")
     v.add_argument("--stimuli", metavar="RUN_DIR", help="run folder: adds control outcomes (stretch, one-hot) and a stimulus montage")
     v.add_argument("--min-reliability", type=float, default=None, help="exclude sites with split-half reliability below this")

@@ -568,6 +568,33 @@ def test_synth_validate_reproduces_the_run_report(tiny_run, tmp_path, capsys):
     assert (out / "report.html").stat().st_size > 10_000
 
 
+def test_synth_validate_takes_the_natural_set_from_a_second_recording(tiny_run, tmp_path, capsys):
+    """A lab that records only the synthesized images today adds the natural set's original
+    recording: the same report as one file holding both."""
+    from synth.data.recordings import Recording
+
+    _, run = tiny_run
+    rep = json.loads((run / "report.json").read_text())
+    rec = Recording.load(run / "followup.npz")
+    synthesized = set(np.load(run / "stimuli.npz")["stimulus_id"].tolist())
+    today = [s for s in rec.stimulus_id if s in synthesized]
+    rec.select(stimuli=today).save(tmp_path / "today.npz")
+    rec.select(stimuli=[s for s in rec.stimulus_id if s not in synthesized]).save(tmp_path / "natural.npz")
+    common = ["--predictions", run / "stimuli.npz", "--stimuli", run, "--seed", rep["bootstrap"]["seed"], "--n-bootstrap", rep["bootstrap"]["n"]]
+    code, _, err = run_cli(["validate", "--recordings", tmp_path / "today.npz", "--out", tmp_path / "v1", *common], capsys)
+    assert_one_line_error(code, err, "holds 0 of the", "add its original recording with a second --recordings")
+    code, _, err = run_cli(["validate", "--recordings", tmp_path / "today.npz", "--recordings", tmp_path / "natural.npz",
+                            "--out", tmp_path / "v2", *common], capsys)
+    assert code == 0, err
+    val = json.loads((tmp_path / "v2" / "report.json").read_text())
+    for key in ("stretch", "one_hot", "synthetic_prediction"):
+        assert val[key] == rep[key], key
+    assert val["inputs"]["recordings"] == [str(tmp_path / "today.npz"), str(tmp_path / "natural.npz")]
+    code, _, err = run_cli(["validate", "--recordings", tmp_path / "today.npz", "--recordings", run / "followup.npz",
+                            "--out", tmp_path / "v3", *common], capsys)
+    assert_one_line_error(code, err, "followup.npz: stimulus_id", "is also in an earlier recording file")
+
+
 def test_held_out_surrogate_scores_every_saved_image(tmp_path, capsys):
     """The ensemble guard: a second surrogate on another split scores the saved PNGs."""
     cfg = write_cfg(tmp_path / "guard.yaml", stimuli__held_out_surrogate=True, stimuli__one_hot=False)

@@ -379,7 +379,8 @@ def closed_loop_metrics(
     if len(nat) < 2:
         raise DataError(
             f"the follow-up recording holds {len(nat)} of the {len(nat_all)} natural images; control outcomes "
-            "(natural maxima, z-scores) need the natural set recorded in the same session"
+            "(natural maxima, z-scores) need the natural set: record it in the follow-up, or add its original recording "
+            "with a second --recordings"
         )
     nat_set = set(nat_all)
     man_ids = [str(r["stimulus_id"]) for r in manifest]

@@ -260,6 +260,41 @@ def load_recording(path: str | os.PathLike) -> Recording:
     raise DataError(f"{path}: unknown recording format; expected a .npz (stimulus_id, site_id, responses) or a .csv (stimulus_id,site_id,repeat,response)")
 
 
+def load_recordings(paths: Sequence[str | os.PathLike]) -> Recording:
+    """One recording from one or more files, e.g. today's follow-up and the natural set's
+    original recording (``synth validate --recordings A --recordings B``).
+
+    Stimuli are taken in file order; each image's trials must come from one file. Sites are
+    those in every file (the others are left out, with a warning).
+
+    Raises:
+        DataError: a stimulus id in two files, or files with no site in common (named).
+    """
+    paths = [str(p) for p in paths]
+    if not paths:
+        raise DataError("no recording file given")
+    recs = [load_recording(p) for p in paths]
+    common = set(recs[0].site_id)
+    for p, r in zip(paths[1:], recs[1:]):
+        common &= set(r.site_id)
+        if not common:
+            raise DataError(f"{p}: no site_id in common with {paths[0]} (e.g. {str(r.site_id[0])!r} vs {str(recs[0].site_id[0])!r})")
+    order = [s for s in recs[0].site_id if s in common]
+    for p, r in zip(paths, recs):
+        left = [s for s in r.site_id if s not in common]
+        if left:
+            log.warning("%s: %d of its %d sites are not in every recording file and are left out (e.g. %r)", p, len(left), r.n_sites, str(left[0]))
+    out = recs[0].select(sites=order)
+    for i in range(1, len(recs)):
+        shared = set(out.stimulus_id) & set(recs[i].stimulus_id)
+        if shared:
+            first = str(sorted(shared)[0])
+            raise DataError(f"{paths[i]}: stimulus_id {first!r} is also in an earlier recording file ({len(shared)} shared); "
+                            "each image's trials must come from one file")
+        out = out.concat(recs[i].select(sites=order))
+    return out
+
+
 def normalize_objective(name: str) -> str:
     """``"one-hot"``, ``"onehot"``, ``"One_Hot"`` -> ``"one_hot"``; ``"Stretch"`` -> ``"stretch"``."""
     key = name.strip().lower().replace("-", "_").replace(" ", "_")

@@ -27,7 +27,7 @@ import numpy as np
 from synth.data.recordings import Recording
 from synth.errors import DataError, UserError
 from synth.validation.control import closed_loop_metrics
-from synth.validation.io import Predictions, find_run_file, jsonable, load_recording, read_manifest
+from synth.validation.io import Predictions, find_run_file, jsonable, load_recordings, read_manifest
 from synth.validation.metrics import join, repeat_mean, site_metrics
 
 log = logging.getLogger(__name__)
@@ -243,7 +243,7 @@ def write_report(out: str | os.PathLike, report: Mapping[str, Any], fig: FigureD
 
 def run_validate(
     predictions: str,
-    recordings: str,
+    recordings: str | os.PathLike | Sequence[str | os.PathLike],
     out: str,
     stimuli: str | None = None,
     *,
@@ -257,7 +257,9 @@ def run_validate(
     Args:
         predictions: ``.npz`` with ``stimulus_id`` (N,), ``site_id`` (S,), ``predicted`` (N, S).
         recordings: ``.npz`` (``stimulus_id``, ``site_id``, ``responses`` (S, M, R)
-            NaN-padded) or long CSV ``stimulus_id,site_id,repeat,response``.
+            NaN-padded) or long CSV ``stimulus_id,site_id,repeat,response``; or several such
+            files, joined (:func:`~synth.validation.io.load_recordings`), e.g. the follow-up
+            and the natural set's original recording.
         out: report folder to create (must not exist, or be empty).
         stimuli: a run folder (``manifest.csv``, ``natural.npz``, ``stimuli.npz``,
             ``stimuli/*.png``): adds the control outcomes and a stimulus montage.
@@ -276,13 +278,15 @@ def run_validate(
     out_p = Path(out)
     _check_out(out_p)
     pred = Predictions.load(predictions)
-    rec = load_recording(recordings)
+    files = [str(recordings)] if isinstance(recordings, (str, os.PathLike)) else [str(r) for r in recordings]
+    rec = load_recordings(files)
     report, fig = build_report(
         pred, rec, run_dir=stimuli, min_reliability=min_reliability, n_bootstrap=n_bootstrap,
-        n_splits=n_splits, seed=seed, pred_name=str(predictions), rec_name=str(recordings),
+        n_splits=n_splits, seed=seed, pred_name=str(predictions), rec_name=" + ".join(files),
     )
-    inputs = {"predictions": str(predictions), "recordings": str(recordings), "stimuli": None if stimuli is None else str(stimuli)}
-    inputs["sha256"] = {str(p): _sha256(p) for p in (predictions, recordings)}
+    inputs = {"predictions": str(predictions), "recordings": files[0] if len(files) == 1 else files,
+              "stimuli": None if stimuli is None else str(stimuli)}
+    inputs["sha256"] = {str(p): _sha256(p) for p in (predictions, *files)}
     report = {"kind": "synth validate report", "inputs": inputs, **report}
     write_report(out_p, report, fig)
     def f3(v: float | None) -> str:

@@ -137,3 +137,33 @@ def test_manifest(tmp_path):
 def test_jsonable():
     out = jsonable({"a": np.float64(np.nan), "b": np.arange(2), "c": (np.int64(3), np.bool_(True)), "d": float("inf")})
     assert out == {"a": None, "b": [0, 1], "c": [3, True], "d": None}
+
+
+def _rec(stims, sites, seed):
+    rng = np.random.default_rng(seed)
+    return Recording(stimulus_id=np.array(stims), site_id=np.array(sites), responses=rng.poisson(5, (len(sites), len(stims), 3)).astype(float))
+
+
+def test_load_recordings_joins_files_on_common_sites(tmp_path, caplog):
+    """Today's follow-up + the natural set's original recording: stimuli in file order, sites in every file."""
+    from synth.validation.io import load_recordings
+
+    a = _rec(["s1", "s2"], ["e0", "e1", "e2"], 0)
+    b = _rec(["n1", "n2", "n3"], ["e2", "e0", "e9"], 1)  # another site order; e1 lost, e9 new
+    a.save(tmp_path / "a.npz")
+    write_recording_csv(b, tmp_path / "b.csv")
+    with caplog.at_level("WARNING"):
+        got = load_recordings([tmp_path / "a.npz", tmp_path / "b.csv"])
+    assert got.stimulus_id.tolist() == ["s1", "s2", "n1", "n2", "n3"]
+    assert got.site_id.tolist() == ["e0", "e2"]
+    np.testing.assert_array_equal(got.responses[:, :2], a.responses[[0, 2]])
+    np.testing.assert_array_equal(got.responses[:, 2:], b.responses[[1, 0]])
+    assert "a.npz: 1 of its 3 sites" in caplog.text and "b.csv: 1 of its 3 sites" in caplog.text
+    assert load_recordings([tmp_path / "a.npz"]).responses.shape == (3, 2, 3)  # one file: as it is
+
+    _rec(["n2", "n4"], ["e0", "e2"], 2).save(tmp_path / "c.npz")
+    with pytest.raises(DataError, match=r"c\.npz: stimulus_id 'n2' is also in an earlier recording file"):
+        load_recordings([tmp_path / "a.npz", tmp_path / "b.csv", tmp_path / "c.npz"])
+    _rec(["m1"], ["x0"], 3).save(tmp_path / "d.npz")
+    with pytest.raises(DataError, match=r"d\.npz: no site_id in common with .*a\.npz"):
+        load_recordings([tmp_path / "a.npz", tmp_path / "d.npz"])
