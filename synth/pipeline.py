@@ -371,7 +371,8 @@ def _run_stages(
     if recorder is None:
         log.warning(
             "this target has no simulated recorder: show %s/stimuli on the rig, then run "
-            "`synth validate --predictions <run>/stimuli.npz --recordings REC --stimuli <run> --out DIR`",
+            "`synth validate --predictions <run>/stimuli.npz --recordings REC --stimuli <run> --out DIR` "
+            "(to rehearse first: `synth record <run> --subject TARGETS_YAML --out REC`, a simulated subject as the rig)",
             run.final,
         )
         report["followup"] = None
