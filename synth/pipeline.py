@@ -381,7 +381,6 @@ def _run_stages(
     # ---- follow-up recording of the saved PNGs (and the natural set)
     with timer("followup"):
         from synth.data.stimuli import read_stimulus_set
-
         from synth.populations.followup import record_followup
 
         stim = read_stimulus_set(stim_dir)

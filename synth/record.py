@@ -8,9 +8,10 @@ population) views the run's natural images and its saved PNGs, and writes the re
 in the format ``synth validate --recordings`` reads, exactly as the rig's file would be.
 
 The subject must hold every site of the run (the recording is joined to the predictions
-by ``site_id``). Without ``subject`` it is the run's own target (which a run with a
-simulated target has already recorded into ``followup.npz``; with the run's seed and
-repeats the file comes out identical).
+by ``site_id``). The natural set is always recorded (the natural maxima and z-scores in the
+subject's units). Without ``subject`` it is the run's own target, which a run with a
+simulated target has already recorded into ``followup.npz``: with the run's seed and
+repeats (and ``followup.record_natural: true``, the default) the file comes out identical.
 
 Example:
     >>> info = record_run("outputs/run", "followup.npz", subject="targets/cowley2023.yaml",
@@ -183,7 +184,7 @@ def record_run(
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix.lower()}")  # np.savez wants .npz
     tmp_side = side.with_name(f".{side.name}.tmp-{os.getpid()}")
     try:
         if path.suffix.lower() == ".csv":
