@@ -158,7 +158,7 @@ def test_errors_and_partial_inputs(tmp_path, caplog):
     d = make_run(tmp_path, n_sites=3, seed=7)
     rec = d["recording"]
     syn_only = rec.select(stimuli=d["syn_ids"])
-    with pytest.raises(DataError, match="natural set recorded"):
+    with pytest.raises(DataError, match="need the natural set: record it in the follow-up"):
         closed_loop_metrics(syn_only, None, d["manifest"], d["natural_ids"], n_bootstrap=0)
     nat_only = rec.select(stimuli=d["natural_ids"])
     with pytest.raises(DataError, match="none of the 6 synthesized stimuli"):
