@@ -250,6 +250,20 @@ def to_luminance(x_rgb: torch.Tensor) -> torch.Tensor:
     return (x_rgb * w).sum(dim=1, keepdim=True).clamp_(0.0, 1.0)
 
 
+def _session_arrays(root: str | os.PathLike, session: str) -> tuple[Recording, np.ndarray]:
+    """A session's repeat-averaged Recording and its decoded uint8 images (N, H, W, 3), checked
+    to be as many as the response columns."""
+    _check_session(root, session)
+    rec = load_averaged(root, session)
+    zpath = images_path(root, session)
+    raw = read_zip_images(zpath)
+    if raw.shape[0] != rec.n_stimuli:
+        raise DataError(
+            f"{zpath}: {raw.shape[0]} images but {averaged_path(root, session)} has {rec.n_stimuli} response columns"
+        )
+    return rec, raw
+
+
 def load_session(root: str | os.PathLike, session: str, *, image_size: int = NATIVE_SIZE, grayscale: bool = False) -> tuple[np.ndarray, torch.Tensor, Recording]:
     """Images and repeat-averaged responses of one session.
 
@@ -271,14 +285,8 @@ def load_session(root: str | os.PathLike, session: str, *, image_size: int = NAT
             response columns.
     """
     session = str(session)
-    _check_session(root, session)
-    rec = load_averaged(root, session)
+    rec, raw = _session_arrays(root, session)
     zpath = images_path(root, session)
-    raw = read_zip_images(zpath)
-    if raw.shape[0] != rec.n_stimuli:
-        raise DataError(
-            f"{zpath}: {raw.shape[0]} images but {averaged_path(root, session)} has {rec.n_stimuli} response columns"
-        )
     if raw.shape[1:3] != (NATIVE_SIZE, NATIVE_SIZE):
         log.warning("%s: images are %dx%d, expected %dx%d", zpath, raw.shape[2], raw.shape[1], NATIVE_SIZE, NATIVE_SIZE)
     x = to_tensor(raw, image_size=image_size, grayscale=grayscale)
@@ -354,11 +362,7 @@ def write_lab_layout(root: str | os.PathLike, out: str | os.PathLike, *, session
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         for s in progress(sessions, desc="sessions written", total=len(sessions)):
-            _check_session(root, s)
-            rec = load_averaged(root, s)
-            raw = read_zip_images(images_path(root, s))
-            if raw.shape[0] != rec.n_stimuli:
-                raise DataError(f"{images_path(root, s)}: {raw.shape[0]} images but {averaged_path(root, s)} has {rec.n_stimuli} response columns")
+            rec, raw = _session_arrays(root, s)
             d = work / s / "images"
             d.mkdir(parents=True)
             for sid, a in zip(rec.stimulus_id, raw):
