@@ -141,7 +141,7 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--base-url", help="alternative base URL with the same layout")
     e = dsub.add_parser("export", parents=[common], help="write a data set's sessions in a lab's layout (images/ + responses.npz)",
                         description="Write the sessions as <OUT>/<session>/images/<stimulus_id>.png (8-bit RGB, as recorded) and "
-                        "<OUT>/<session>/responses.npz (repeat-averaged): the layout of configs/lab_sessions.yaml, to rehearse a "
+                        "<OUT>/<session>/responses.npz (single trials where the source has them, else repeat-averaged): the layout of configs/lab_sessions.yaml, to rehearse a "
                         "lab's path on real V4 data (synth run, synth record with a session's twins, synth validate). GPL-3.0 like "
                         "the source: keep the copies out of any repository.")
     e.add_argument("dataset", choices=["cowley2023"], help="data set name")

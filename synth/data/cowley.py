@@ -264,6 +264,18 @@ def _session_arrays(root: str | os.PathLike, session: str) -> tuple[Recording, n
     return rec, raw
 
 
+def _check_trial_means(root: str | os.PathLike, session: str, trials: Recording, averaged: Recording) -> None:
+    """A session's single trials must average to its repeat-averaged file (they do in the
+    published data), or the two files disagree about what was recorded."""
+    means = trials.mean()
+    if not np.allclose(means, averaged.responses[:, :, 0], rtol=1e-6, atol=1e-9):
+        worst = float(np.max(np.abs(means - averaged.responses[:, :, 0])))
+        raise DataError(
+            f"{raw_path(root, session)}: the single trials' means differ from {averaged_path(root, session)} "
+            f"by up to {worst:.3g} (expected the repeat-averaged file to be their mean)"
+        )
+
+
 def load_session(root: str | os.PathLike, session: str, *, image_size: int = NATIVE_SIZE, grayscale: bool = False) -> tuple[np.ndarray, torch.Tensor, Recording]:
     """Images and repeat-averaged responses of one session.
 
@@ -328,8 +340,10 @@ def write_lab_layout(root: str | os.PathLike, out: str | os.PathLike, *, session
     That is the layout of ``targets/lab_example.yaml`` with ``{session}`` paths
     (``configs/lab_sessions.yaml``), so a lab can run its own path on real V4 data, with a
     session's digital twins as the subject of ``synth record``. Images are the published
-    JPEGs decoded to 8-bit RGB PNGs (112 px, as recorded); responses are the
-    repeat-averaged ones, with the loader's ids. Written in a hidden sibling folder and
+    JPEGs decoded to 8-bit RGB PNGs (112 px, as recorded); responses are a session's single
+    trials ``(S, N, R)``, NaN-padded, where the source has them (``responses_raw``: 210325;
+    their means are the repeat-averaged file's), else the repeat-averaged ones ``(S, N, 1)``,
+    with the loader's ids. Written in a hidden sibling folder and
     renamed when complete; ``out`` must not exist. The copies are GPL-3.0 like the source.
 
     Args:
@@ -363,12 +377,16 @@ def write_lab_layout(root: str | os.PathLike, out: str | os.PathLike, *, session
     try:
         for s in progress(sessions, desc="sessions written", total=len(sessions)):
             rec, raw = _session_arrays(root, s)
+            trials = load_raw(root, s)
+            if trials is not None:
+                _check_trial_means(root, s, trials, rec)
+                rec = trials
             d = work / s / "images"
             d.mkdir(parents=True)
             for sid, a in zip(rec.stimulus_id, raw):
                 Image.fromarray(a, "RGB").save(d / f"{sid}.png")
             np.savez(work / s / "responses.npz", stimulus_id=rec.stimulus_id, site_id=rec.site_id, responses=rec.responses)
-            log.info("session %s: %d images, %d sites", s, rec.n_stimuli, rec.n_sites)
+            log.info("session %s: %d images, %d sites%s", s, rec.n_stimuli, rec.n_sites, ", single trials" if trials is not None else "")
         os.replace(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)

@@ -63,6 +63,11 @@ def test_write_lab_layout_is_read_back_by_the_lab_target_as_the_loader_reads_it(
     resp = np.arange(3 * 5, dtype=float).reshape(3, 5)
     root = _make_root(tmp_path, "999001", jpegs, resp, order=[2, 0, 4, 1, 3])
     _make_root(tmp_path, "999002", jpegs[:4], resp[:2, :4] + 1)
+    # 999001 also has single trials (NaN-padded, as 210325's): those are exported
+    trials = np.stack([resp - 1, resp + 1, np.full_like(resp, np.nan)], axis=2)
+    trials[:, 0, 2] = resp[:, 0]
+    cowley.raw_path(root, "999001").parent.mkdir(parents=True)
+    np.save(cowley.raw_path(root, "999001"), trials)
     out = tmp_path / "lab"
     assert main(["data", "export", "cowley2023", "--root", str(root), "--out", str(out), "-q"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lab", "root"]  # no work folder left behind
@@ -73,10 +78,20 @@ def test_write_lab_layout_is_read_back_by_the_lab_target_as_the_loader_reads_it(
         assert list(nat.stimulus_id) == list(ids) and len(ids) == n
         assert torch.equal(nat.images, x)  # lossless: the decoded JPEG, pixel for pixel
         assert list(nat.recording.site_id) == list(rec.site_id)
-        np.testing.assert_array_equal(nat.recording.responses, rec.responses)
+        if session == "999001":
+            np.testing.assert_array_equal(nat.recording.responses, trials)  # single trials, NaN padding kept
+            np.testing.assert_allclose(nat.recording.mean(), rec.responses[:, :, 0])
+        else:
+            np.testing.assert_array_equal(nat.recording.responses, rec.responses)
     assert main(["data", "export", "cowley2023", "--root", str(root), "--out", str(out), "-q"]) == 2  # never overwritten
     with pytest.raises(DataError, match="no session '999003'"):
         cowley.write_lab_layout(root, tmp_path / "other", sessions=["999003"])
+    bad = trials.copy()
+    bad[1, 2, 0] += 3.0
+    np.save(cowley.raw_path(root, "999001"), bad)
+    with pytest.raises(DataError, match=r"responses_999001.npy: the single trials' means differ .* by up to 1"):
+        cowley.write_lab_layout(root, tmp_path / "other")
+    np.save(cowley.raw_path(root, "999001"), trials)
     (cowley.averaged_path(root, "999002")).write_bytes(b"broken")
     with pytest.raises(DataError, match="responses_999002.npy"):
         cowley.write_lab_layout(root, tmp_path / "other")
