@@ -97,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
                          description="Synthesize each site's stretch images on its own digital twin (or its one-hot images on "
                          "all the session's twins) with the config's synthesis recipe and score them on the twins (no trial "
                          "noise): what a perfect surrogate would reach. With stimuli.start: natural each image starts from a natural "
-                         "image the twins rate best for its objective. Needs a target with twins (cowley2023 sessions "
+                         "image the twins rate best for its objective (whole images: stimuli.start_zooms / start_flips are not searched here). Needs a target with twins (cowley2023 sessions "
                          "201025, 190923). One-hot images cost every twin at every step: about S times a stretch image.")
     bc.add_argument("config", help="experiment YAML (its target, synthesis, stimuli.seeds_per_target and start, seed, device)")
     bc.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a value")

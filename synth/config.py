@@ -85,10 +85,34 @@ class StimuliSection:
             "help": "start: natural ranks the natural images by the surrogate's predictions or by the recorded responses",
         },
     )
+    start_zooms: tuple[float, ...] = field(
+        default=(1.0,),
+        metadata={
+            "min": 1.0,
+            "max": 8.0,
+            "help": "start: natural also rates views of each target's best natural images: each zoom z > 1 enlarges a "
+            "window of 1/z of the side at 3 x 3 positions; a job starts from the best view ([1] = whole images only)",
+        },
+    )
+    start_flips: bool = field(default=False, metadata={"help": "the view search also rates every view mirrored left-right"})
+    start_candidates: int = field(
+        default=16, metadata={"min": 1, "max": 10000, "help": "natural images per (objective, target) whose views are rated"}
+    )
 
     def __post_init__(self) -> None:
         if not (self.stretch or self.one_hot):
             raise ConfigError("at least one of stretch, one_hot must be true", key="stretch")
+        if not self.start_zooms:
+            raise ConfigError("expected at least one zoom (1 = the whole image)", key="start_zooms")
+        if self.searches_views and self.start != "natural":
+            raise ConfigError("start_zooms / start_flips choose views of natural starts; set start: natural", key="start_zooms")
+        if self.searches_views and self.start_rank_by != "surrogate":
+            raise ConfigError("views of natural images have no recorded responses to rank them by; set start_rank_by: surrogate", key="start_zooms")
+
+    @property
+    def searches_views(self) -> bool:
+        """Whether natural starts are chosen among views (zooms, mirror images), not whole images."""
+        return self.start_flips or any(z != 1.0 for z in self.start_zooms)
 
 
 @dataclass(frozen=True, kw_only=True)

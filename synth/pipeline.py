@@ -362,7 +362,7 @@ def _run_stages(
 
     # ---- synthesize
     with timer("synthesize"):
-        starts = _natural_starts(cfg, site_ids, x, pred_nat, y.numpy(), nat.stimulus_id)
+        starts = _natural_starts(cfg, site_ids, x, pred_nat, y.numpy(), nat.stimulus_id, model=model, device=device)
         stim_dir, guard = _synthesize_stage(cfg, run, model, site_ids, x, pred_nat, device, held_out, starts)
 
     report: dict[str, Any] = {"fit": fit_report}
@@ -508,13 +508,36 @@ def _fit_checkpointed(
     return model, info
 
 
-def _natural_starts(cfg: Config, site_ids: np.ndarray, x_nat: torch.Tensor, pred_nat: np.ndarray, recorded: np.ndarray, natural_ids: np.ndarray):
-    """``stimuli.start: natural``: a function from the jobs to their starting natural images
-    and those images' stimulus ids (None for noise starts). Ranked by the surrogate's
-    predictions or the recorded means (a site's missing means count as its mean)."""
+def _natural_starts(cfg: Config, site_ids: np.ndarray, x_nat: torch.Tensor, pred_nat: np.ndarray, recorded: np.ndarray, natural_ids: np.ndarray,
+                    model=None, device: torch.device | None = None):
+    """``stimuli.start: natural``: a function from the jobs to their start images and the
+    manifest columns naming them (``start_stimulus_id``; with a view search also
+    ``start_view``); None for noise starts. Ranked by the surrogate's predictions or the
+    recorded means (a site's missing means count as its mean); a view search
+    (``stimuli.start_zooms``, ``start_flips``) rates the views with ``model``."""
     if cfg.stimuli.start != "natural":
         return None
-    from synth.synthesis.starts import rank_natural_starts
+    from synth.synthesis.starts import rank_natural_starts, search_natural_starts, start_views
+
+    ids = np.asarray(natural_ids).astype(str)
+    if cfg.stimuli.searches_views:
+        from synth.surrogate.fit import predict
+
+        views = start_views(cfg.stimuli.start_zooms, cfg.stimuli.start_flips)
+
+        def search(jobs):
+            src, view, images = search_natural_starts(
+                jobs, pred_nat, lambda x: predict(model, x, device=device), x_nat, site_ids=site_ids, views=views,
+                candidates=cfg.stimuli.start_candidates, aliases=cfg.synthesis.objectives,
+            )
+            return images, {"start_stimulus_id": ids[src], "start_view": np.array([views[int(v)].label() for v in view])}
+
+        log.info(
+            "synthesis starts from the best of %d views (zooms %s%s) of each target's %d best natural images, rated by the surrogate",
+            len(views), ", ".join(f"{z:g}" for z in cfg.stimuli.start_zooms), ", mirrored" if cfg.stimuli.start_flips else "",
+            cfg.stimuli.start_candidates,
+        )
+        return search
 
     if cfg.stimuli.start_rank_by == "recorded":
         resp = np.asarray(recorded, dtype=np.float64)
@@ -526,7 +549,7 @@ def _natural_starts(cfg: Config, site_ids: np.ndarray, x_nat: torch.Tensor, pred
 
     def starts(jobs):
         idx = rank_natural_starts(jobs, resp, site_ids=site_ids, images=x_nat, aliases=cfg.synthesis.objectives)
-        return idx, np.asarray(natural_ids).astype(str)[idx]
+        return x_nat[torch.as_tensor(idx)], {"start_stimulus_id": ids[idx]}
 
     log.info("synthesis starts from the natural images ranked by the %s", "recorded responses" if cfg.stimuli.start_rank_by == "recorded" else "surrogate's predictions")
     return starts
@@ -569,7 +592,7 @@ def _synthesize_stage(
             rf = model.receptive_fields().detach().cpu()
     context = ObjectiveContext.from_predictions(site_ids, pred_nat, natural_images=x_nat, rf_masks=rf)
     channels = 1 if cfg.data.grayscale else 3
-    start_idx, start_ids = starts(jobs) if starts is not None else (None, None)
+    start_images, start_cols = starts(jobs) if starts is not None else (None, {})
     bs = cfg.stimuli.batch_size
     batches = [jobs[i : i + bs] for i in range(0, len(jobs), bs)]
     ck_dir = run.path("checkpoints", "x").parent
@@ -583,7 +606,7 @@ def _synthesize_stage(
             with np.load(ck, allow_pickle=False) as z:
                 parts.append({k: z[k] for k in z.files})
             continue
-        init = None if start_idx is None else x_nat[torch.as_tensor(start_idx[b * bs : b * bs + len(batch)])]
+        init = None if start_images is None else start_images[b * bs : b * bs + len(batch)]
         res = synthesize(
             model, batch, cfg.synthesis, context=context, image_size=cfg.data.image_size, channels=channels, device=device, init_images=init
         )
@@ -615,8 +638,7 @@ def _synthesize_stage(
         "steps": merged["steps"],
         "objective_value": merged["objective_value"],
     }
-    if start_ids is not None:
-        extra["start_stimulus_id"] = start_ids
+    extra.update(start_cols)
     guard = None
     if held_out is not None:
         from synth.synthesis.scoring import ensemble_guard

@@ -743,6 +743,45 @@ def test_natural_starts_begin_each_image_at_its_targets_best_natural_images(tmp_
         assert closest_natural(img[None], nat.images.numpy())[0] == list(ids).index(row["start_stimulus_id"]), row["stimulus_id"]
 
 
+def test_view_search_starts_each_image_at_the_view_it_names(tmp_path, capsys):
+    """stimuli.start_zooms / start_flips: each image starts from the view (an enlarged window,
+    mirrored or not) of a natural image that the manifest names, and stays near it."""
+    cfg = write_cfg(
+        tmp_path / "views.yaml", stimuli__start="natural", stimuli__start_zooms=[1.0, 2.0], stimuli__start_flips=True,
+        stimuli__start_candidates=3, stimuli__seeds_per_target=2, synthesis__steps=3,
+    )
+    out = tmp_path / "views_run"
+    code, _, err = run_cli(["run", cfg, "--out", out, "--quiet"], capsys)
+    assert code == 0, err
+    import csv
+
+    from PIL import Image
+
+    from synth.runtime import derive_seed
+    from synth.synthesis.starts import apply_views, start_views
+    from synth.targets import build_target
+
+    nat = build_target(Path(TINY["target"]["file"]), overrides=TINY["target"]["params"]).natural(
+        image_size=32, grayscale=True, seed=derive_seed(TINY["seed"], "natural")
+    )
+    ids = list(np.asarray(nat.stimulus_id).astype(str))
+    views = start_views((1.0, 2.0), flips=True)
+    labels = [v.label() for v in views]
+    every = apply_views(nat.images, views).numpy()  # row i * len(views) + v
+    rows = list(csv.DictReader(open(out / "manifest.csv")))
+    assert len(rows) == 6 * 2 * 2
+    for row in rows:
+        named = ids.index(row["start_stimulus_id"]) * len(views) + labels.index(row["start_view"])
+        img = np.asarray(Image.open(out / row["file"]), dtype=np.float64).ravel() / 255
+        assert closest_natural(img[None], every)[0] == named, row["stimulus_id"]
+    assert any(row["start_view"] != labels[0] for row in rows)  # the search chose other views than whole images
+    for bad, needle in (({"stimuli__start": "noise"}, "set start: natural"), ({"stimuli__start_rank_by": "recorded"}, "start_rank_by: surrogate")):
+        cfg = write_cfg(tmp_path / "bad.yaml", **{"stimuli__start": "natural", "stimuli__start_zooms": [1.0, 2.0], **bad})
+        code, _, err = run_cli(["run", cfg, "--out", tmp_path / "bad_run", "--quiet"], capsys)
+        assert code == 2 and "stimuli.start_zooms" in err and needle in err, err
+        assert not (tmp_path / "bad_run").exists()
+
+
 def test_noise_starts_name_no_start_image(tiny_run):
     import csv
 

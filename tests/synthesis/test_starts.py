@@ -115,3 +115,95 @@ def test_natural_statistics_are_the_population_mean_and_sd_in_float64():
     assert torch.equal(ctx.natural_mean, mean) and torch.equal(ctx.natural_std, std)
     with pytest.raises(ValueError, match="natural images, sites"):
         natural_statistics(np.zeros(3))
+
+
+# --------------------------------------------------------------------------- view search
+
+
+def test_start_views_begin_with_the_whole_image_and_grid_each_zoom():
+    from synth.synthesis.starts import View, start_views
+
+    assert start_views() == [View()]
+    v = start_views((1.0, 1.5, 2.0), flips=True)
+    assert v[0] == View() and len(v) == 2 * (1 + 9 + 9) and len(set(v)) == len(v)
+    assert start_views((2.0,))[0] == View()  # the whole image is always there
+    z2 = [w for w in start_views((2.0,)) if w.zoom == 2.0]
+    assert sorted({w.x for w in z2}) == [-0.5, 0.0, 0.5] and sorted({w.y for w in z2}) == [-0.5, 0.0, 0.5]
+    with pytest.raises(ValueError, match="zoom 0.5 out of range"):
+        start_views((0.5,))
+
+
+def test_views_enlarge_their_window_and_mirror_exactly():
+    from synth.synthesis.starts import View, apply_views
+
+    x = torch.zeros(2, 1, 16, 16)
+    x[0, 0, :8, :8] = 1.0  # image 0: its top-left quadrant lit
+    x[1] = torch.rand(1, 16, 16, generator=torch.Generator().manual_seed(0))
+    views = [View(), View(2.0, -0.5, -0.5), View(2.0, 0.5, 0.5), View(1.0, 0.0, 0.0, True)]
+    out = apply_views(x, views)
+    assert out.shape == (8, 1, 16, 16)
+    assert torch.equal(out[0], x[0]) and torch.equal(out[4], x[1])  # the whole image, bit for bit
+    # top-left window at zoom 2: the lit quadrant fills the view (but for its bilinear edge)
+    assert torch.equal(out[1, 0, :14, :14], torch.ones(14, 14)) and float(out[1].mean()) > 0.75
+    assert float(out[2, 0, 1:, 1:].abs().max()) == 0.0 and float(out[2].mean()) < 0.01  # bottom-right window: dark
+    assert torch.allclose(out[7], torch.flip(x[1], dims=[-1]), atol=1e-6)  # mirrored
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        apply_views(x[0], views)
+
+
+def _corner_model(x: torch.Tensor) -> torch.Tensor:
+    """Three 'sites': the mean of the top-left 4 x 4 corner, of the bottom-right one, of the whole image."""
+    return torch.stack([x[:, :, :4, :4].mean((1, 2, 3)), x[:, :, -4:, -4:].mean((1, 2, 3)), x.mean((1, 2, 3))], dim=1)
+
+
+def _patch_images(n: int = 12, seed: int = 3) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, 16, 16, generator=g) * 0.2
+    for i in range(n):  # a bright 4 x 4 patch somewhere inside
+        r, c = torch.randint(2, 10, (2,), generator=g).tolist()
+        x[i, 0, r : r + 4, c : c + 4] += 0.8
+    return x
+
+
+def test_the_view_search_starts_each_job_at_the_best_view_of_its_best_images():
+    from synth.synthesis.starts import apply_views, search_natural_starts, start_views
+
+    x = _patch_images()
+    r = _corner_model(x)
+    views = start_views((1.0, 1.5, 2.0), flips=True)
+    jobs = [Job(f"{o}_{t}_{k}", o, t, k) for o in ("stretch", "one_hot") for t in range(3) for k in range(3)]
+    src, view, starts = search_natural_starts(jobs, r, _corner_model, x, site_ids=SITES, views=views, candidates=5, chunk=64)
+    assert starts.shape == (len(jobs), 1, 16, 16)
+    for i in range(len(jobs)):  # each start is the view it names
+        assert torch.equal(starts[i], apply_views(x[src[i] : src[i] + 1], [views[view[i]]])[0])
+    for g in range(0, len(jobs), 3):  # a target's seeds start from different natural images, all among its 5 best
+        assert len(set(src[g : g + 3].tolist())) == 3
+    st = [j for j, job in enumerate(jobs) if job.objective == "stretch"]
+    top5 = {t: set(torch.argsort(r[:, t], descending=True)[:5].tolist()) for t in range(3)}
+    assert all(int(src[j]) in top5[jobs[j].target_site] for j in st)
+    # the chosen view is the best view of its image, never worse than the whole image
+    for j in st:
+        t = jobs[j].target_site
+        every = _corner_model(apply_views(x[src[j] : src[j] + 1], views))[:, t]
+        assert float(_corner_model(starts[j : j + 1])[0, t]) == pytest.approx(float(every.max()))
+        assert float(every.max()) >= float(every[0])
+    # the corner sites are driven by moving the patch into their corner: views are used
+    assert (view[[j for j in st if jobs[j].target_site < 2]] != 0).all()
+    assert float(_corner_model(starts[:3])[:, 0].min()) > float(r[:, 0].max())
+
+
+def test_the_whole_image_as_the_only_view_is_the_plain_natural_start():
+    from synth.synthesis.starts import View, search_natural_starts
+
+    x = _patch_images(seed=5)
+    r = _corner_model(x)
+    jobs = [Job(f"{o}_{t}_{k}", o, t, k) for o in ("stretch", "one_hot") for t in range(3) for k in range(4)]
+    src, view, starts = search_natural_starts(jobs, r, _corner_model, x, site_ids=SITES, views=[View()], candidates=12)
+    assert src.tolist() == rank_natural_starts(jobs, r, site_ids=SITES).tolist()
+    assert (view == 0).all() and torch.equal(starts, x[torch.as_tensor(src)])
+    # more jobs than candidates wrap around the candidates
+    src2, _, _ = search_natural_starts(jobs[:4], r, _corner_model, x, site_ids=SITES, views=[View()], candidates=2)
+    best = torch.argsort(r[:, 0], descending=True)[:2].tolist()
+    assert src2.tolist() == best + best
+    with pytest.raises(ValueError, match="candidates must be >= 1"):
+        search_natural_starts(jobs, r, _corner_model, x, site_ids=SITES, views=[View()], candidates=0)
