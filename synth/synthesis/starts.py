@@ -84,9 +84,9 @@ def rank_natural_starts(
     order: dict[tuple[str, int], np.ndarray] = {}
     taken: dict[tuple[str, int], int] = {}
     for i, job in enumerate(jobs):
-        key, obj, t = _group(job, s, aliases)
+        key, spec, t = _group(job, s, aliases)
         if key not in order:
-            v = _objective_values(obj, t, r, mean, std, site_ids, images, chunk)
+            v = _objective_values(build_objective(spec, key="objective"), t, r, mean, std, site_ids, images, chunk)
             # best first; ties keep the natural set's order
             order[key] = np.argsort(-v, kind="stable")
         k = taken.get(key, 0)
@@ -110,12 +110,12 @@ def _checked(responses: torch.Tensor | np.ndarray, site_ids: Sequence[str] | np.
 
 
 def _group(job: Job, n_sites: int, aliases: Mapping[str, Any] | None):
-    """A job's (objective, target) group key, its objective and its target index."""
+    """A job's (objective, target) group key, its objective spec and its target index."""
     t = int(job.target_site)
     if not 0 <= t < n_sites:
         raise ValueError(f"job {job.stimulus_id}: target_site {t} out of range for {n_sites} sites")
     spec = resolve_spec(job.objective, aliases)
-    return (spec_key(spec), t), build_objective(spec, key="objective"), t
+    return (spec_key(spec), t), spec, t
 
 
 def _objective_values(obj, t: int, r: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, site_ids, images: torch.Tensor | None, chunk: int) -> np.ndarray:
@@ -244,9 +244,12 @@ def search_natural_starts(
     mean, std = natural_statistics(responses)
     nv = len(views)
     groups: dict[tuple[str, int], tuple[Any, int, np.ndarray]] = {}
+    keys = []
     for job in jobs:
-        key, obj, t = _group(job, s, aliases)
+        key, spec, t = _group(job, s, aliases)
+        keys.append(key)
         if key not in groups:
+            obj = build_objective(spec, key="objective")
             v = _objective_values(obj, t, r, mean, std, site_ids, images, chunk)
             groups[key] = (obj, t, np.argsort(-v, kind="stable")[: min(candidates, n)])
     # every view of every candidate image, rated once
@@ -270,8 +273,7 @@ def search_natural_starts(
     src = np.zeros(len(jobs), dtype=np.int64)
     view = np.zeros(len(jobs), dtype=np.int64)
     taken: dict[tuple[str, int], int] = {}
-    for i, job in enumerate(jobs):
-        key, _, _ = _group(job, s, aliases)
+    for i, key in enumerate(keys):
         k = taken.get(key, 0)
         taken[key] = k + 1
         src[i], view[i] = best[key][k % len(best[key])]
