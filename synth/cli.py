@@ -97,7 +97,8 @@ def _parser() -> argparse.ArgumentParser:
                          description="Synthesize each site's stretch images on its own digital twin (or its one-hot images on "
                          "all the session's twins) with the config's synthesis recipe and score them on the twins (no trial "
                          "noise): what a perfect surrogate would reach. With stimuli.start: natural each image starts from a natural "
-                         "image the twins rate best for its objective (whole images: stimuli.start_zooms / start_flips are not searched here). Needs a target with twins (cowley2023 sessions "
+                         "image the twins rate best for its objective, and with stimuli.start_zooms / start_flips from the best view of it, "
+                         "rated by the twins. Needs a target with twins (cowley2023 sessions "
                          "201025, 190923). One-hot images cost every twin at every step: about S times a stretch image.")
     bc.add_argument("config", help="experiment YAML (its target, synthesis, stimuli.seeds_per_target and start, seed, device)")
     bc.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a value")
@@ -274,6 +275,7 @@ def _bench_ceiling(a: argparse.Namespace, write) -> int:
     from synth.populations.oracle import twin_ceiling
     from synth.populations.twins import TwinRecorder
     from synth.runtime import derive_seed, resolve_device
+    from synth.synthesis.starts import start_views
 
     if a.sites is not None and a.sites < 1:
         raise UserError(f"--sites: expected a positive number, got {a.sites}")
@@ -285,10 +287,14 @@ def _bench_ceiling(a: argparse.Namespace, write) -> int:
         raise UserError(f"{a.config}: target '{target.name}' has no digital twins to synthesize on (bench ceiling needs e.g. a cowley2023 session with twins)")
     nat, _ = load_natural(cfg, target)
     sites = None if a.sites is None else list(range(min(a.sites, len(recorder.site_ids))))
+    st = cfg.stimuli
+    views = start_views(st.start_zooms, st.start_flips) if st.searches_views else ()
+    starts = f"natural starts from the best of {len(views)} views of {st.start_candidates} images" if views else f"{st.start} starts"
     write(f"{target.name}: {len(recorder.site_ids)} twins, {nat.images.shape[0]} natural images, device {device}, "
-          f"{cfg.synthesis.steps} steps, {cfg.stimuli.seeds_per_target} images per site, {cfg.stimuli.start} starts")
-    out = twin_ceiling(recorder, nat.images, cfg.synthesis, objective=a.objective, seeds_per_target=cfg.stimuli.seeds_per_target,
-                       seed=derive_seed(cfg.seed, "ceiling"), sites=sites, device=device, write=write, start=cfg.stimuli.start)
+          f"{cfg.synthesis.steps} steps, {st.seeds_per_target} images per site, {starts}")
+    out = twin_ceiling(recorder, nat.images, cfg.synthesis, objective=a.objective, seeds_per_target=st.seeds_per_target,
+                       seed=derive_seed(cfg.seed, "ceiling"), sites=sites, device=device, write=write, start=st.start,
+                       views=views, candidates=st.start_candidates)
     if a.objective == "one_hot":
         write(f"ceiling_one_hot_ratio: {out['median_score_ratio']:.3f}")
     else:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from synth.runtime import derive_seed
-from synth.synthesis.starts import STARTS, rank_natural_starts
+from synth.synthesis.starts import STARTS, View, rank_natural_starts, search_natural_starts
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,8 @@ def stretch_on_twin(
     natural_y: torch.Tensor,
     device: torch.device | str = "cpu",
     start: str = "noise",
+    views: Sequence[View] = (),
+    candidates: int = 16,
 ) -> torch.Tensor:
     """Stretch images of one twin, synthesized on that twin (one batch, one image per seed).
 
@@ -57,6 +59,10 @@ def stretch_on_twin(
         start: ``"noise"``, or ``"natural"``: the k-th image starts from the natural image
             the twin responds to k-th most (as ``stimuli.start: natural`` with a perfect
             surrogate).
+        views: with natural starts, a view search (``stimuli.start_zooms`` /
+            ``start_flips``): the k-th image starts from the best view, rated by the twin,
+            of its k-th best natural image (:func:`~synth.synthesis.starts.search_natural_starts`).
+        candidates: natural images per target whose views are rated.
 
     Returns:
         ``(len(seeds), C, H, W)`` images in [0, 1] at 8-bit levels (as saved), on the CPU.
@@ -69,18 +75,22 @@ def stretch_on_twin(
         raise ValueError(f"natural_y must have shape ({natural.shape[0]}, S), got {tuple(natural_y.shape)}")
     jobs = [Job(stimulus_id=f"twin{site}-{i}", objective="stretch", target_site=0, seed=int(s)) for i, s in enumerate(seeds)]
     return _synthesize_on(recorder.site_model(site), [str(recorder.site_ids[site])], natural_y[:, site : site + 1], jobs,
-                          dataclasses.replace(cfg, batch_size=max(1, len(seeds))), natural, device, start)
+                          dataclasses.replace(cfg, batch_size=max(1, len(seeds))), natural, device, start, views, candidates)
 
 
-def _synthesize_on(model, site_ids, natural_y: torch.Tensor, jobs, cfg, natural: torch.Tensor, device, start: str = "noise") -> torch.Tensor:
+def _synthesize_on(model, site_ids, natural_y: torch.Tensor, jobs, cfg, natural: torch.Tensor, device, start: str = "noise",
+                   views: Sequence[View] = (), candidates: int = 16) -> torch.Tensor:
     """``jobs`` synthesized on ``model`` (twins), z-scored by ``natural_y``; images in [0, 1] on the CPU.
 
     With ``start="natural"`` each job starts from the natural image its objective rates
-    best by ``natural_y`` (k-th job of a target: k-th best; ``synth.synthesis.starts``)."""
+    best by ``natural_y`` (k-th job of a target: k-th best; ``synth.synthesis.starts``),
+    or with ``views`` from the best view of it that ``model`` rates best."""
     from synth.synthesis import ObjectiveContext, synthesize
 
     if start not in STARTS:
         raise ValueError(f"start must be one of {', '.join(STARTS)}, got {start!r}")
+    if views and start != "natural":
+        raise ValueError(f"a view search needs natural starts, got start {start!r}")
     _, c, h, w = natural.shape
     if h != w:
         raise ValueError(f"synthesis on twins expects square natural images, got {h} x {w}")
@@ -88,7 +98,17 @@ def _synthesize_on(model, site_ids, natural_y: torch.Tensor, jobs, cfg, natural:
         return natural.new_empty((0, c, h, w))
     ctx = ObjectiveContext.from_predictions(site_ids, natural_y.float().cpu(), natural_images=natural)
     init = None
-    if start == "natural":
+    if start == "natural" and views:
+        dev = torch.device(device)
+        model = model.to(dev)
+
+        def rate(x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return model(x.to(dev)).float().cpu()
+
+        _, _, init = search_natural_starts(jobs, natural_y.float().cpu(), rate, natural, site_ids=site_ids, views=views,
+                                           candidates=candidates, aliases=cfg.objectives)
+    elif start == "natural":
         init = natural[torch.as_tensor(rank_natural_starts(jobs, natural_y.float().cpu(), site_ids=site_ids, images=natural, aliases=cfg.objectives))]
     res = synthesize(model, jobs, cfg, context=ctx, image_size=h, channels=c, device=device, init_images=init)
     return res.images_float().to(natural.dtype).cpu()
@@ -104,6 +124,8 @@ def one_hot_on_twins(
     natural_y: torch.Tensor,
     device: torch.device | str = "cpu",
     start: str = "noise",
+    views: Sequence[View] = (),
+    candidates: int = 16,
 ) -> torch.Tensor:
     """One-hot images synthesized on all the recorder's twins (one image per site and seed).
 
@@ -120,6 +142,7 @@ def one_hot_on_twins(
         device: where to synthesize.
         start: ``"noise"``, or ``"natural"``: a site's k-th image starts from the natural
             image with its k-th best one-hot score by ``natural_y``.
+        views, candidates: a view search of the natural starts, as for :func:`stretch_on_twin`.
 
     Returns:
         ``(len(sites), C, H, W)`` images in [0, 1] at 8-bit levels, on the CPU.
@@ -131,7 +154,8 @@ def one_hot_on_twins(
     if natural_y.ndim != 2 or natural_y.shape != (natural.shape[0], len(recorder.site_ids)):
         raise ValueError(f"natural_y must have shape ({natural.shape[0]}, {len(recorder.site_ids)}), got {tuple(natural_y.shape)}")
     jobs = [Job(stimulus_id=f"one_hot{t}-{i}", objective="one_hot", target_site=int(t), seed=int(s)) for i, (t, s) in enumerate(zip(sites, seeds))]
-    return _synthesize_on(recorder.population_model(), [str(s) for s in recorder.site_ids], natural_y, jobs, cfg, natural, device, start)
+    return _synthesize_on(recorder.population_model(), [str(s) for s in recorder.site_ids], natural_y, jobs, cfg, natural, device, start,
+                          views, candidates)
 
 
 OBJECTIVES = ("stretch", "one_hot")
@@ -149,6 +173,8 @@ def twin_ceiling(
     device: torch.device | str = "cpu",
     write: Callable[[str], None] | None = None,
     start: str = "noise",
+    views: Sequence[View] = (),
+    candidates: int = 16,
 ) -> dict[str, Any]:
     """Synthesis on the twins themselves with the recipe ``cfg``, scored by them without noise.
 
@@ -174,6 +200,10 @@ def twin_ceiling(
         start: ``"noise"`` or ``"natural"`` (each image starts from a natural image the
             twins rate best for its objective, as ``stimuli.start: natural`` would with a
             perfect surrogate).
+        views: with natural starts, the views searched for each start (``stimuli.start_zooms``,
+            ``start_flips``; :func:`~synth.synthesis.starts.start_views`), rated by the twins;
+            empty: whole natural images.
+        candidates: natural images per target whose views are rated (``stimuli.start_candidates``).
 
     Returns:
         ``n_sites``, ``seconds``, ``site_id``, and for stretch ``fraction_above_natural_max``,
@@ -192,15 +222,17 @@ def twin_ceiling(
     sites = list(range(natural_y.shape[1])) if sites is None else [int(s) for s in sites]
     t0 = time.perf_counter()
     run = _one_hot_ceiling if objective == "one_hot" else _stretch_ceiling
-    out, summary = run(recorder, natural, natural_y, cfg, sites, seeds_per_target, seed, device, start)
-    out.update(objective=objective, start=start, n_sites=len(sites), seeds_per_target=int(seeds_per_target),
+    on_twins = dict(device=device, start=start, views=tuple(views), candidates=int(candidates))
+    out, summary = run(recorder, natural, natural_y, cfg, sites, seeds_per_target, seed, on_twins)
+    out.update(objective=objective, start=start, n_views=len(views), n_sites=len(sites), seeds_per_target=int(seeds_per_target),
                seconds=round(time.perf_counter() - t0, 1), site_id=[str(recorder.site_ids[s]) for s in sites])
     on = f"one-hot synthesized on all {natural_y.shape[1]} twins" if objective == "one_hot" else "stretch synthesized on each twin itself"
-    write(f"ceiling ({on}, {start} starts, best of {seeds_per_target}, no trial noise): {summary}, {out['seconds']:.0f} s")
+    starts = f"natural starts, best of {len(views)} views" if views else f"{start} starts"
+    write(f"ceiling ({on}, {starts}, best of {seeds_per_target}, no trial noise): {summary}, {out['seconds']:.0f} s")
     return out
 
 
-def _stretch_ceiling(recorder, natural, natural_y, cfg, sites, seeds_per_target, seed, device, start) -> tuple[dict[str, Any], str]:
+def _stretch_ceiling(recorder, natural, natural_y, cfg, sites, seeds_per_target, seed, on_twins) -> tuple[dict[str, Any], str]:
     """Stretch images for ``sites``, each on its own twin, scored against the twin's natural maximum."""
     from synth.progress import progress
 
@@ -208,7 +240,7 @@ def _stretch_ceiling(recorder, natural, natural_y, cfg, sites, seeds_per_target,
     best = np.empty(len(sites))
     for k, site in enumerate(progress(sites, desc="ceiling", total=len(sites))):
         seeds = [derive_seed(seed, "ceiling", site, j) for j in range(seeds_per_target)]
-        images = stretch_on_twin(recorder, site, seeds, cfg, natural=natural, natural_y=natural_y, device=device, start=start)
+        images = stretch_on_twin(recorder, site, seeds, cfg, natural=natural, natural_y=natural_y, **on_twins)
         best[k] = float(recorder.expected(images)[:, site].max())
     nm = nat_max[sites]
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -222,7 +254,7 @@ def _stretch_ceiling(recorder, natural, natural_y, cfg, sites, seeds_per_target,
     return out, f"{int(np.sum(best > nm))} of {len(sites)} sites above their natural max, median gain {out['median_gain']:+.3f}"
 
 
-def _one_hot_ceiling(recorder, natural, natural_y, cfg, sites, seeds_per_target, seed, device, start) -> tuple[dict[str, Any], str]:
+def _one_hot_ceiling(recorder, natural, natural_y, cfg, sites, seeds_per_target, seed, on_twins) -> tuple[dict[str, Any], str]:
     """One-hot images for ``sites`` on all twins (in chunks of ``cfg.batch_size`` sites' images), scored."""
     from synth.progress import progress
     from synth.validation.control import one_hot_scores
@@ -233,7 +265,7 @@ def _one_hot_ceiling(recorder, natural, natural_y, cfg, sites, seeds_per_target,
     for chunk in progress(chunks, desc="ceiling", total=len(chunks)):
         targets = [t for t in chunk for _ in range(seeds_per_target)]
         seeds = [derive_seed(seed, "ceiling-one-hot", t, j) for t in chunk for j in range(seeds_per_target)]
-        images.append(one_hot_on_twins(recorder, targets, seeds, cfg, natural=natural, natural_y=natural_y, device=device, start=start))
+        images.append(one_hot_on_twins(recorder, targets, seeds, cfg, natural=natural, natural_y=natural_y, **on_twins))
     syn = recorder.expected(torch.cat(images)).double().numpy()  # (len(sites) * k, S)
     soft_nat, soft_syn = one_hot_scores(natural_y.double().numpy().T, syn.T)
     rows = np.asarray(sites)

@@ -155,23 +155,50 @@ def test_twin_ceiling_with_natural_starts():
         oracle.twin_ceiling(rec, x, cfg, start="top")
 
 
+def test_view_search_on_the_twins_starts_from_the_views_the_twin_rates_best():
+    from synth.synthesis.starts import apply_views, start_views
+
+    rec, x = _recorder()
+    cfg = from_dict(SynthesisConfig, CFG)
+    y = rec.expected(x)
+    views = start_views([1, 1.25, 1.5, 2], True)  # the shipped views
+    a = oracle.stretch_on_twin(rec, 1, [3, 4, 5], cfg, natural=x, natural_y=y, start="natural", views=views, candidates=4)
+    # by hand: the twin rates every view of its 4 best natural images; the k-th image starts
+    # from the best view of the image whose best view is k-th best
+    top = np.argsort(-y[:, 1].numpy(), kind="stable")[:4]
+    seen = apply_views(x[torch.as_tensor(top)], views)
+    with torch.no_grad():
+        r = rec.site_model(1)(seen)[:, 0].double().numpy().reshape(4, len(views))
+    order = np.argsort(-r.max(1), kind="stable")[:3]
+    expect = [int(i) * len(views) + int(r[i].argmax()) for i in order]
+    assert any(e % len(views) != 0 for e in expect)  # not only whole images: the search matters here
+    np.testing.assert_array_equal(closest_natural(a, seen), expect)
+    # the ceiling passes the views on and says so
+    lines: list[str] = []
+    out = oracle.twin_ceiling(rec, x, cfg, seeds_per_target=1, seed=1, sites=[1], write=lines.append, start="natural", views=views, candidates=4)
+    assert out["n_views"] == len(views) and f"best of {len(views)} views" in lines[-1]
+    with pytest.raises(ValueError, match="view search needs natural starts"):
+        oracle.twin_ceiling(rec, x, cfg, views=views)
+
+
 @requires_cowley
 def test_bench_ceiling_on_real_twins(capsys):
     from synth.cli import main
 
     cfg = Path(__file__).resolve().parents[2] / "configs" / "cowley2023_closed_loop.yaml"
     code = main(["bench", "ceiling", str(cfg), "--set", f"target.root={cowley_root()}", "--set", "target.session=190923",
-                 "--set", "synthesis.steps=16", "--set", "stimuli.seeds_per_target=1", "--sites", "2", "-q"])
+                 "--set", "synthesis.steps=16", "--set", "stimuli.seeds_per_target=1", "--set", "stimuli.start_candidates=2", "--sites", "2", "-q"])
     out = capsys.readouterr().out.strip().splitlines()
     assert code == 0
     assert out[0].startswith("cowley2023") and "33 twins" in out[0] and "16 steps" in out[0]
     assert "natural starts" in out[0] and "natural starts" in out[1]  # the shipped config's stimuli.start
+    assert "best of 56 views of 2 images" in out[0] and "best of 56 views" in out[1]  # and its view search
     assert "of 2 sites above their natural max" in out[1]
     frac = float(out[-1].split("ceiling_stretch_fraction:")[1])
     assert frac in (0.0, 0.5, 1.0)  # two sites
     code = main(["bench", "ceiling", str(cfg), "--set", f"target.root={cowley_root()}", "--set", "target.session=190923",
                  "--set", "synthesis.steps=4", "--set", "synthesis.batch_size=1", "--set", "stimuli.seeds_per_target=1",
-                 "--sites", "1", "--objective", "one_hot", "-q"])
+                 "--set", "stimuli.start_candidates=2", "--sites", "1", "--objective", "one_hot", "-q"])
     out = capsys.readouterr().out.strip().splitlines()
     assert code == 0 and "one-hot synthesized on all 33 twins" in out[1]
     assert float(out[-1].split("ceiling_one_hot_ratio:")[1]) > 0
