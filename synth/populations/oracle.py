@@ -102,9 +102,9 @@ def _synthesize_on(model, site_ids, natural_y: torch.Tensor, jobs, cfg, natural:
         dev = torch.device(device)
         model = model.to(dev)
 
-        def rate(x: torch.Tensor) -> torch.Tensor:
+        def rate(x: torch.Tensor) -> torch.Tensor:  # clipped at 0, as natural_y (the recorder's expected responses)
             with torch.no_grad():
-                return model(x.to(dev)).float().cpu()
+                return model(x.to(dev)).float().clamp_min(0).cpu()
 
         _, _, init = search_natural_starts(jobs, natural_y.float().cpu(), rate, natural, site_ids=site_ids, views=views,
                                            candidates=candidates, aliases=cfg.objectives)
