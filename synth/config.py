@@ -26,7 +26,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from synth.configtools import from_dict, to_dict
+from synth.configtools import deep_merge, from_dict, to_dict
 from synth.errors import ConfigError
 from synth.surrogate.fit import FitConfig
 from synth.synthesis.config import SynthesisConfig
@@ -222,11 +222,55 @@ def _deep_copy(data: Any) -> Any:
     return data
 
 
+def config_files(path: str | os.PathLike) -> list[str]:
+    """The config file and the chain of files it builds on (``base:``), itself first."""
+    out = [str(path)]
+    while True:
+        data = read_yaml(out[-1])
+        base = data.get("base") if isinstance(data, Mapping) else None
+        if not isinstance(base, str) or str(_base_path(out[-1], base)) in out:
+            return out
+        out.append(str(_base_path(out[-1], base)))
+
+
+def _base_path(path: str | os.PathLike, base: str) -> Path:
+    p = Path(os.path.expanduser(base))
+    return p if p.is_absolute() else Path(path).parent / p
+
+
+def read_config_data(path: str | os.PathLike, _chain: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A config file's mapping, with ``base: other.yaml`` (relative to this file) resolved:
+    the base file's mapping with this file's keys deep-merged over it (mappings merge, a
+    component naming another ``name`` and any other value replace; lists replace whole).
+
+    Raises:
+        ConfigError: not a mapping, a missing or circular base (naming the file and key).
+    """
+    data = read_yaml(path)
+    if data is None:
+        raise ConfigError("empty file; expected a mapping of config sections", file=str(path))
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"expected a mapping of config sections, got {type(data).__name__}", file=str(path))
+    data = dict(data)
+    if "base" not in data:
+        return data
+    base = data.pop("base")
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"expected the path of another config file (relative to this one), got {base!r}", file=str(path), key="base")
+    bpath = _base_path(path, base)
+    here = os.path.abspath(path)
+    if os.path.abspath(bpath) in _chain + (here,):
+        raise ConfigError(f"circular base: {bpath} builds on this file", file=str(path), key="base")
+    if not bpath.is_file():
+        raise ConfigError(f"base config not found: {bpath}", file=str(path), key="base")
+    return deep_merge(read_config_data(bpath, _chain + (here,)), data)
+
+
 def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load, override and validate a config file.
 
     Args:
-        path: the YAML file.
+        path: the YAML file (``base: other.yaml`` in it: see :func:`read_config_data`).
         overrides: ``dotted.key=value`` strings (``--set``), validated like the file.
 
     Returns:
@@ -236,11 +280,7 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     Raises:
         ConfigError: one line naming the file and key.
     """
-    data = read_yaml(path)
-    if data is None:
-        raise ConfigError("empty file; expected a mapping of config sections", file=str(path))
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"expected a mapping of config sections, got {type(data).__name__}", file=str(path))
+    data = read_config_data(path)
     try:
         if overrides:
             # Override the resolved config (defaults spelled out), so a dotted key can

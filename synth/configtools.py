@@ -189,3 +189,18 @@ def to_dict(obj: Any) -> Any:
     if isinstance(obj, Mapping):
         return {str(k): to_dict(v) for k, v in obj.items()}
     return obj
+
+
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``override``'s keys replaced, recursing into mappings present in both.
+
+    A registry spec that names another component (a different ``name``) replaces the
+    base's spec instead of merging into it (its arguments are another component's).
+    Lists and other values replace the base's.
+    """
+    out = dict(base)
+    for k, v in override.items():
+        old = out.get(k)
+        nested = isinstance(v, Mapping) and isinstance(old, Mapping) and v.get("name", old.get("name")) == old.get("name")
+        out[k] = deep_merge(old, v) if nested else v
+    return out

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from synth.config import Config, dump_config, load_config, resolve_path
+from synth.config import Config, config_files, dump_config, load_config, resolve_path
 from synth.data.recordings import Recording
 from synth.errors import DataError, UserError
 from synth.populations.base import NaturalData, Target
@@ -121,7 +121,8 @@ def input_checksums(cfg: Config, config_path: str | None, nat: NaturalData) -> d
     """SHA-256 of every input file (config, targets file, data files named by the target)."""
     out: dict[str, str] = {}
     if config_path and os.path.exists(config_path):
-        out[str(config_path)] = file_sha256(config_path)
+        for f in config_files(config_path):  # the file and any base files it builds on
+            out[f] = file_sha256(f)
     tfile = resolve_path(cfg.target.file, relative_to=os.path.dirname(config_path) if config_path else None)
     if tfile.exists():
         out[str(tfile)] = file_sha256(tfile)
@@ -170,7 +171,7 @@ def run_pipeline(cfg: Config, *, config_path: str | None = None, out: str | None
     with timer("record"):
         target = load_target(cfg, config_dir)
         nat, splits = load_natural(cfg, target)
-        fits = list(cfg.fit.members())  # the surrogate's recipe, then any ensemble members'
+        fits = [resolve_twin_backbone(f, target) for f in cfg.fit.members()]  # the surrogate's recipe, then any ensemble members'
         core_plans = [plan_core_stage(cfg, target, fit) for fit in fits]
         recorder = target.recorder(device=device)
 
@@ -249,6 +250,52 @@ def plan_core_stage(cfg: Config, target: Target, fit=None):
         ", ".join(plan.sessions), plan.evaluated, ", ".join(plan.teachers) or "none", plan.path,
     )
     return plan
+
+
+def resolve_twin_backbone(fit, target: Target):
+    """``fit`` with a ``cowley_twins`` backbone's ``root: auto`` / ``sessions: auto`` filled
+    from the target (other recipes unchanged).
+
+    ``root: auto`` is the target's data root (made absolute); ``sessions: auto`` every
+    session with twins under it except the evaluated one. The evaluated session's twins
+    are its follow-up recorder: listing it is refused.
+
+    Raises:
+        ConfigError: auto without a Cowley target, the evaluated session listed, no other
+            session with twins.
+    """
+    if fit.backbone != "cowley_twins":
+        return fit
+    import dataclasses
+
+    from synth.data import cowley
+    from synth.errors import ConfigError
+
+    kw = dict(fit.backbone_kwargs)
+    key = "fit.backbone_kwargs"
+    root, session = getattr(target, "root", None), getattr(target, "session", None)
+    if kw.get("root", "auto") == "auto":
+        if root is None:
+            raise ConfigError(f"root auto takes the data root of a cowley2023 target; target {target.name} has none: give the Cowley 2023 data root", key=f"{key}.root")
+        kw["root"] = str(root)
+    kw["root"] = os.path.abspath(os.path.expanduser(str(kw["root"])))
+    sessions = kw.get("sessions", "auto")
+    if sessions == "auto":
+        sessions = [s for s in cowley.twin_sessions(kw["root"]) if session is None or s != str(session)]
+        if not sessions:
+            raise ConfigError(f"sessions auto: no session other than the evaluated one ({session}) has digital twins under {kw['root']}", key=f"{key}.sessions")
+    if isinstance(sessions, str) or not isinstance(sessions, (list, tuple)) or not sessions:
+        raise ConfigError(f"expected auto or a list of session ids, got {sessions!r}", key=f"{key}.sessions")
+    sessions = [str(s) for s in sessions]
+    if session is not None and str(session) in sessions:
+        raise ConfigError(
+            f"session {session}'s own twins are its follow-up recorder and cannot be part of its surrogate; "
+            "use other sessions' twins (sessions: auto)",
+            key=f"{key}.sessions",
+        )
+    kw["sessions"] = sessions
+    log.info("cowley_twins backbone: twins of session(s) %s under %s (evaluated session %s excluded)", ", ".join(sessions), kw["root"], session)
+    return dataclasses.replace(fit, backbone_kwargs=kw)
 
 
 def _core_stage(fits: list, plans: list, device: torch.device, timer: Timer) -> tuple[list, list[dict[str, Any] | None]]:

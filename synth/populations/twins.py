@@ -157,7 +157,7 @@ def compact_twin(state: dict[str, torch.Tensor], *, dtype: torch.dtype = torch.f
     return m.to(dtype).eval()
 
 
-class _FoldedTwin(nn.Module):
+class FoldedTwin(nn.Module):
     """One twin with BatchNorm folded into the preceding convolution (inference only)."""
 
     def __init__(self, state: dict[str, torch.Tensor], dtype: torch.dtype, bn_eps: float = BN_EPS):
@@ -183,12 +183,25 @@ class _FoldedTwin(nn.Module):
 
         Shape:
             x: (N, 3, 119, 119): the preprocessed input padded by (3, 4, 3, 4)
-                (``_pad_input``), so that layer 0 is computed directly on the padded
+                (``pad_input``), so that layer 0 is computed directly on the padded
                 grid that the first stride-2 depthwise convolution reads (positions
                 -1 .. 113, no copy of the layer-0 maps for padding); the border
                 positions are then zeroed, as the (1, 3, 1, 3) zero padding would be.
             returns: (N,)
         """
+        h = self.hidden(x, _N_LAYERS - 1)[-1]
+        return (h * self.beta).sum(dim=(1, 2, 3)) + self.beta_b
+
+    def hidden(self, x: torch.Tensor, upto: int) -> list[torch.Tensor]:
+        """The twin's layer outputs 0 .. ``upto`` (after the ReLU).
+
+        Shape:
+            x: as for ``forward``.
+            returns: layer 0 ``(N, C0, 115, 115)`` (border zeroed), layer 1 ``(N, C1, 56, 56)``,
+                layers 2-4 ``(N, Ci, 28, 28)``.
+        """
+        if not 0 <= upto < _N_LAYERS:
+            raise ValueError(f"upto must be in 0..{_N_LAYERS - 1}, got {upto}")
         h = F.conv2d(x, self.w0, self.b0)  # (N, C0, 115, 115): positions -1 .. 113
         # zero the border before the ReLU (relu(0) = 0), which keeps autograd valid
         h[:, :, 0].zero_()
@@ -196,7 +209,8 @@ class _FoldedTwin(nn.Module):
         h[:, :, :, 0].zero_()
         h[:, :, :, -2:].zero_()
         h = h.relu_()
-        for i in range(1, _N_LAYERS):
+        out = [h]
+        for i in range(1, upto + 1):
             d = getattr(self, f"d{i}")
             if i == 1:
                 h = F.conv2d(h, d, stride=2, groups=d.shape[0])
@@ -205,11 +219,12 @@ class _FoldedTwin(nn.Module):
             else:
                 h = F.conv2d(h, d, padding=2, groups=d.shape[0])
             h = _pointwise(h, getattr(self, f"w{i}"), getattr(self, f"b{i}")).relu_()
-        return (h * self.beta).sum(dim=(1, 2, 3)) + self.beta_b
+            out.append(h)
+        return out
 
 
-def _pad_input(x: torch.Tensor) -> torch.Tensor:
-    """Pad the preprocessed input for ``_FoldedTwin`` (3 left/top, 4 right/bottom)."""
+def pad_input(x: torch.Tensor) -> torch.Tensor:
+    """Pad the preprocessed input for ``FoldedTwin`` (3 left/top, 4 right/bottom)."""
     return F.pad(x, (3, 4, 3, 4))
 
 
@@ -265,7 +280,7 @@ class TwinEnsemble(nn.Module):
         super().__init__()
         if len(states) != len(site_ids):
             raise ValueError(f"{len(states)} twins but {len(site_ids)} site ids")
-        self.twins = nn.ModuleList([_FoldedTwin(s, dtype, bn_eps) for s in states])
+        self.twins = nn.ModuleList([FoldedTwin(s, dtype, bn_eps) for s in states])
         self.bn_eps = float(bn_eps)
         self.site_ids = np.asarray(site_ids).astype(str)
         self.dtype = dtype
@@ -283,7 +298,7 @@ class TwinEnsemble(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         dev = self._device()
-        x = _pad_input(preprocess(images.to(dev), self.dtype))
+        x = pad_input(preprocess(images.to(dev), self.dtype))
         cpu = dev.type == "cpu"
         block = self.block or (2 if cpu else 256)
         n = x.shape[0]
@@ -599,7 +614,7 @@ class TwinRecorder:
 class _CalibratedTwins(nn.Module):
     """Twins with their calibration lines (see ``TwinRecorder.population_model``)."""
 
-    def __init__(self, twins: Sequence[_FoldedTwin], slope: np.ndarray, intercept: np.ndarray, dtype: torch.dtype):
+    def __init__(self, twins: Sequence[FoldedTwin], slope: np.ndarray, intercept: np.ndarray, dtype: torch.dtype):
         super().__init__()
         self.twins = nn.ModuleList(twins)
         dev = twins[0].w0.device
@@ -609,7 +624,7 @@ class _CalibratedTwins(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         dev = self.twins[0].w0.device  # the twins are the recorder's: they move with it
-        x = _pad_input(preprocess(images.to(dev), self.dtype))
+        x = pad_input(preprocess(images.to(dev), self.dtype))
         if dev.type == "cpu" and self.dtype == torch.float32:
             x = x.contiguous(memory_format=torch.channels_last)
         if len(self.twins) > 1 and torch.is_grad_enabled():

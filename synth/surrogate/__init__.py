@@ -12,10 +12,11 @@ Public API:
 - :class:`~synth.surrogate.core.CoreConfig` (``fit.core``), :func:`~synth.surrogate.core.plan_core`,
   :func:`~synth.surrogate.core.ensure_core`: the core stage (``weights: auto``), a core
   trained on the other sessions of a data root and cached outside the repository
-- registries ``BACKBONES`` (backbones.py) and ``READOUTS`` (readouts.py)
+- registries ``BACKBONES`` (backbones.py; ``cowley_twins`` in twin_backbone.py) and ``READOUTS`` (readouts.py)
 """
 
 from synth.surrogate.backbones import BACKBONES
+from synth.surrogate import twin_backbone  # noqa: F401  (registers the cowley_twins backbone)
 from synth.surrogate.core import CoreConfig, CorePlan, ensure_core, plan_core
 from synth.surrogate.fit import FitConfig, SplitConfig, fit_core, fit_surrogate, predict, save_core
 from synth.surrogate.model import Surrogate, SurrogateEnsemble

@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 #: backbones trained from scratch when ``weights: none`` and ``train_backbone`` is unset
 TRAINED_BY_DEFAULT = ("small_cnn",)
+#: frozen backbones whose weights come with them (data files), used with ``weights: none``
+OWN_WEIGHTS = ("cowley_twins",)
 
 # --------------------------------------------------------------------------- config
 @dataclass(frozen=True, kw_only=True)
@@ -65,7 +67,10 @@ class FitConfig:
     frozen unless ``train_backbone: true``.
     """
 
-    backbone: str = field(default="small_cnn", metadata={"help": "small_cnn, pretrained_core, alexnet, resnet18, resnet50, vgg16"})
+    backbone: str = field(
+        default="small_cnn",
+        metadata={"help": "small_cnn, pretrained_core, alexnet, resnet18, resnet50, vgg16, cowley_twins (other sessions' digital twins)"},
+    )
     weights: str = field(default="none", metadata={"help": "none, a .pt/.pth file, or a torchvision weights name (IMAGENET1K_V1)"})
     layers: tuple[str, ...] | None = field(
         default=None, metadata={"help": "layer(s) to read from (alias like conv3/layer2 or FX node name); several: best on val"}
@@ -139,7 +144,9 @@ class FitConfig:
                 _small_cnn_layer(layer, n_layers)
         if self.backbone == "pretrained_core" and self.weights.strip().lower() == "none":
             raise ConfigError("backbone pretrained_core needs weights: /path/to/core.pt (saved by fit_core)", key="weights")
-        if self.weights.strip().lower() == "none" and not self.trains_backbone:
+        if self.backbone in OWN_WEIGHTS and self.trains_backbone:
+            raise ConfigError(f"backbone {self.backbone} is frozen (its weights are data files); remove train_backbone", key="train_backbone")
+        if self.weights.strip().lower() == "none" and not self.trains_backbone and self.backbone not in OWN_WEIGHTS:
             raise ConfigError(
                 f"weights none with a frozen {self.backbone}: its features would be random; give pretrained weights "
                 "(a .pt/.pth file or a torchvision weights name such as IMAGENET1K_V1) or set train_backbone: true",
@@ -156,7 +163,7 @@ class FitConfig:
         """
         if not self.ensemble:
             return (self,)
-        from synth.configtools import from_dict, to_dict
+        from synth.configtools import deep_merge, from_dict, to_dict
 
         base = to_dict(self)
         base.pop("ensemble", None)
@@ -167,7 +174,7 @@ class FitConfig:
             for key in ("split", "refit"):
                 if key in override:
                     raise ConfigError(f"every ensemble member is fitted on the same images (set fit.{key} instead)", key=f"ensemble[{i}].{key}")
-            out.append(from_dict(FitConfig, _deep_merge(base, override), key=f"ensemble[{i}]"))
+            out.append(from_dict(FitConfig, deep_merge(base, override), key=f"ensemble[{i}]"))
         return tuple(out)
 
     @property
@@ -177,20 +184,6 @@ class FitConfig:
         if self.train_backbone is not None:
             return bool(self.train_backbone)
         return self.backbone in TRAINED_BY_DEFAULT and self.weights.strip().lower() == "none"
-
-
-def _deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
-    """``base`` with ``override``'s keys replaced, recursing into mappings present in both.
-
-    A registry spec that names another component (a different ``name``) replaces the
-    base's spec instead of merging into it (its arguments are another component's).
-    """
-    out = dict(base)
-    for k, v in override.items():
-        old = out.get(k)
-        nested = isinstance(v, Mapping) and isinstance(old, Mapping) and v.get("name", old.get("name")) == old.get("name")
-        out[k] = _deep_merge(old, v) if nested else v
-    return out
 
 
 # --------------------------------------------------------------------------- metrics
@@ -602,6 +595,10 @@ def _fit_layer(
             log.info("augment_shift is ignored for a frozen backbone (features are computed once)")
         f_tr = _compute_features(backbone, x_tr, device, 64)
         f_va = _compute_features(backbone, x_va, device, 64)
+        fit_scale = getattr(backbone.body, "fit_feature_scale", None)
+        if callable(fit_scale):  # features standardized per channel on the training images
+            sd = fit_scale(f_tr).view(1, -1, 1, 1)
+            f_tr, f_va = f_tr / sd, f_va / sd
         log.info("%s: features %s computed in %.1f s", desc, tuple(f_tr.shape[1:]), time.perf_counter() - t0)
 
         def forward_train(idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:

@@ -499,6 +499,41 @@ def test_ensemble_member_gets_its_own_core_without_the_evaluated_session(fake_ro
     assert rep2["fit"]["median_r_test"] == pytest.approx(rep["fit"]["median_r_test"])
 
 
+def test_twin_feature_member_uses_only_the_other_sessions_twins(fake_root, cache, tmp_path):
+    """An ensemble member on the cowley_twins backbone: sessions auto is every session with
+    twins but the evaluated one; its checkpoint holds no twin weights; the report lists it."""
+    from synth.pipeline import run_pipeline
+    from synth.surrogate.model import Surrogate
+
+    member = {"backbone": "cowley_twins", "weights": "none", "core": None, "backbone_kwargs": {"root": "auto", "sessions": "auto"}}
+    out = run_pipeline(_core_stage_config(fake_root, ensemble=[member]), out=str(tmp_path / "run"))
+    rep = json.loads((out / "report.json").read_text())
+    assert len(rep["fit"]["ensemble"]) == 2 and "ensemble_cores" not in rep  # the member trains no core
+    saved = torch.load(out / "surrogate_member1.pt", weights_only=True)
+    assert saved["spec"]["backbone"]["build"]["kwargs"] == {"root": str(fake_root.resolve()), "sessions": ["a1"]}
+    assert list(k for k in saved["state_dict"] if k.startswith("backbone.")) == ["backbone.body.feature_scale"]
+    assert Surrogate.load(out / "surrogate_member1.pt").backbone.body.n_channels == 2 * 3 * 2  # a1's 2 twins x layers 2-4 x 2 channels
+    listed = {**member, "backbone_kwargs": {"root": "auto", "sessions": ["a1", "c3"]}}
+    with pytest.raises(ConfigError, match="session c3's own twins are its follow-up recorder"):
+        run_pipeline(_core_stage_config(fake_root, ensemble=[listed]), out=str(tmp_path / "refused"))
+    assert not (tmp_path / "refused").exists() and not list(tmp_path.glob("refused*"))
+
+
+def test_twins_config_builds_on_the_closed_loop_config():
+    from synth.config import config_files, load_config
+
+    repo = Path(__file__).resolve().parents[2]
+    path = repo / "configs" / "cowley2023_closed_loop_twins.yaml"
+    base = load_config(repo / "configs" / "cowley2023_closed_loop.yaml")
+    cfg = load_config(path, ["target.session=190923"])
+    members = cfg.fit.members()
+    assert [m.backbone for m in members] == ["pretrained_core", "pretrained_core", "cowley_twins"]
+    assert members[2].core is None and members[2].backbone_kwargs == {"root": "auto", "sessions": "auto"}
+    assert members[1] == base.fit.members()[1]  # the small core as in the base file
+    assert cfg.synthesis == base.synthesis and cfg.stimuli == base.stimuli and cfg.name == "cowley2023_closed_loop_twins"
+    assert config_files(path) == [str(path), str(path.parent / "cowley2023_closed_loop.yaml")]
+
+
 # --------------------------------------------------------------------------- real data
 
 

@@ -1,0 +1,179 @@
+"""The ``cowley_twins`` backbone: other sessions' digital twins as frozen features.
+
+Uses random compact-model files in the Cowley 2023 layout (a temporary folder); the
+check on the real twins skips where the licensed data are absent.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from _shared import cowley_root, random_twin_state, requires_cowley
+from synth.configtools import from_dict
+from synth.data import cowley
+from synth.errors import ConfigError, DataError
+from synth.pipeline import resolve_twin_backbone
+from synth.populations import twins
+from synth.surrogate.backbones import build_backbone
+from synth.surrogate.fit import FitConfig, fit_surrogate
+from synth.surrogate.model import Surrogate
+from synth.surrogate.twin_backbone import TwinFeatures, parse_twin_layers
+
+COUNTS = [3, 2, 2, 3, 4]  # channels of layers 0-4
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    """Twins for sessions s1 (2 neurons) and s2 (1 neuron); no recordings needed here."""
+    r = tmp_path_factory.mktemp("twinroot")
+    (r / cowley.MODELS_DIR).mkdir(parents=True)
+    for s, n in (("s1", 2), ("s2", 1)):
+        for k in range(n):
+            torch.save(random_twin_state(COUNTS, 10 * len(s) + k + ord(s[1]), unit_bn=True), r / cowley.MODELS_DIR / f"compact_model_{s}_neuron{k}.pt")
+    return r
+
+
+def _backbone(root: Path, sessions=("s1",), layer="out"):
+    return build_backbone("cowley_twins", weights="none", layer=layer, in_channels=3, kwargs={"root": str(root), "sessions": list(sessions)})
+
+
+def _images(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.rand(n, 3, 112, 112, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name,layers", [("out", (2, 3, 4)), (None, (2, 3, 4)), ("layer3", (3,)), ("layers3-4", (3, 4)), ("layers2-4", (2, 3, 4))])
+def test_layer_names(name, layers):
+    assert parse_twin_layers(name) == layers
+
+
+@pytest.mark.parametrize("name", ["layer1", "layers4-2", "layers1-4", "conv3", "layer5"])
+def test_unknown_layer_names_the_valid_ones(name):
+    with pytest.raises(ConfigError, match=f"unknown layer '{name}' for backbone cowley_twins; expected out, layer2"):
+        parse_twin_layers(name)
+
+
+def test_features_are_the_twins_own_hidden_layers(root):
+    """Channels in twin order, layers 2-4 each; the last layer, read out by the twin's own
+    weights, gives back the twin's response (so these are the twins' real activations)."""
+    bb = _backbone(root).eval()
+    x = _images(3)
+    ens = twins.load_twins(root, "s1")
+    with torch.no_grad():
+        f = bb(x)
+        rec = ens(x)
+    per_twin = sum(COUNTS[i] for i in (2, 3, 4))
+    assert f.shape == (3, 2 * per_twin, 28, 28)
+    assert rec.abs().min() > 0  # responses the check can tell apart
+    for t, twin in enumerate(ens.twins):
+        last = f[:, t * per_twin + COUNTS[2] + COUNTS[3] : (t + 1) * per_twin]
+        out = (last * twin.beta).sum(dim=(1, 2, 3)) + twin.beta_b
+        torch.testing.assert_close(out, rec[:, t], rtol=1e-4, atol=1e-4)
+
+
+def test_one_layer_and_grayscale_input(root):
+    bb = _backbone(root, sessions=("s1", "s2"), layer="layer3").eval()
+    with torch.no_grad():
+        f_rgb = bb(_images(2).mean(dim=1, keepdim=True).expand(-1, 3, -1, -1))
+        f_gray = bb(_images(2).mean(dim=1, keepdim=True))
+    assert f_rgb.shape == (2, 3 * COUNTS[3], 28, 28)
+    torch.testing.assert_close(f_gray, f_rgb)
+
+
+def test_gradients_reach_the_image(root):
+    bb = _backbone(root).eval()
+    for p in bb.parameters():
+        p.requires_grad_(False)
+    x = _images(2).requires_grad_(True)
+    bb(x).square().sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_feature_scale_standardizes_and_is_the_only_saved_state(root, tmp_path):
+    bb = _backbone(root).eval()
+    x = _images(6)
+    with torch.no_grad():
+        f = bb(x)
+        sd = bb.body.fit_feature_scale(f)
+        g = bb(x)
+    torch.testing.assert_close(g, f / sd.view(1, -1, 1, 1))
+    np.testing.assert_allclose(g.std(dim=(0, 2, 3)).numpy(), (f.std(dim=(0, 2, 3)) / sd).numpy(), rtol=1e-4)
+    live = f.std(dim=(0, 2, 3)) > 0.1
+    assert live.any() and float((g.std(dim=(0, 2, 3))[live] - 1).abs().max()) < 0.01  # unit std where the floor is negligible
+    assert list(bb.state_dict()) == ["body.feature_scale"]  # the twins' weights are never copied into a checkpoint
+
+
+def test_fitted_surrogate_round_trips_with_its_scale(root, tmp_path):
+    x, y = _images(12, 1), torch.rand(12, 2) + 0.1
+    cfg = from_dict(FitConfig, {"backbone": "cowley_twins", "backbone_kwargs": {"root": str(root), "sessions": ["s1"]}, "epochs": 2, "batch_size": 4})
+    model, rep = fit_surrogate(cfg, (x[:8], y[:8]), (x[8:], y[8:]), site_ids=["a", "b"], seed=0)
+    scale = model.backbone.body.feature_scale
+    assert not torch.allclose(scale, torch.ones_like(scale))  # set from the training features
+    assert rep["feature_shape"] == {"out": [2 * sum(COUNTS[2:]), 28, 28]}
+    path = tmp_path / "s.pt"
+    model.save(path)
+    back = Surrogate.load(path)
+    torch.testing.assert_close(back.backbone.body.feature_scale, scale)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), model(x))
+    assert not any(k.startswith("backbone.body.twins") for k in torch.load(path, weights_only=True)["state_dict"])
+
+
+def test_config_rules():
+    fc = from_dict(FitConfig, {"backbone": "cowley_twins", "backbone_kwargs": {"root": "auto", "sessions": "auto"}})
+    assert not fc.trains_backbone  # weights none is fine: the twins' files are the weights
+    with pytest.raises(ConfigError, match="train_backbone"):
+        from_dict(FitConfig, {"backbone": "cowley_twins", "train_backbone": True})
+    with pytest.raises(ConfigError, match="unknown argument 'session'"):
+        from_dict(FitConfig, {"backbone": "cowley_twins", "backbone_kwargs": {"session": ["a"]}})
+
+
+def test_builder_errors_are_one_line(root):
+    with pytest.raises(ConfigError, match="needs backbone_kwargs root"):
+        build_backbone("cowley_twins", weights="none", kwargs={"root": "auto", "sessions": "auto"})
+    with pytest.raises(ConfigError, match="expected weights: none"):
+        build_backbone("cowley_twins", weights="x.pt", kwargs={"root": str(root), "sessions": ["s1"]})
+    with pytest.raises(DataError, match="no digital twins of session zz .sessions with twins: s1, s2"):
+        build_backbone("cowley_twins", weights="none", kwargs={"root": str(root), "sessions": ["zz"]})
+
+
+def test_run_fills_auto_and_never_uses_the_evaluated_sessions_twins(root):
+    fc = from_dict(FitConfig, {"backbone": "cowley_twins", "backbone_kwargs": {"root": "auto", "sessions": "auto"}})
+    target = SimpleNamespace(name="cowley2023", root=str(root), session="s1")
+    got = resolve_twin_backbone(fc, target)
+    assert got.backbone_kwargs == {"root": str(root.resolve()), "sessions": ["s2"]}
+    assert resolve_twin_backbone(fc, SimpleNamespace(name="cowley2023", root=str(root), session="s9")).backbone_kwargs["sessions"] == ["s1", "s2"]
+    listed = from_dict(FitConfig, {"backbone": "cowley_twins", "backbone_kwargs": {"root": "auto", "sessions": ["s2", "s1"]}})
+    with pytest.raises(ConfigError, match="fit.backbone_kwargs.sessions: session s1's own twins are its follow-up recorder"):
+        resolve_twin_backbone(listed, target)
+    with pytest.raises(ConfigError, match="fit.backbone_kwargs.root: root auto takes the data root of a cowley2023 target; target virtual_v4 has none"):
+        resolve_twin_backbone(fc, SimpleNamespace(name="virtual_v4"))
+    only = from_dict(FitConfig, {"backbone": "cowley_twins", "backbone_kwargs": {"root": str(root), "sessions": ["s1"]}})
+    with pytest.raises(ConfigError, match="follow-up recorder"):
+        resolve_twin_backbone(only, target)
+    other = from_dict(FitConfig, {})
+    assert resolve_twin_backbone(other, target) is other
+
+
+def test_twin_features_need_twins():
+    with pytest.raises(ValueError, match="at least one twin"):
+        TwinFeatures([], (2, 3, 4))
+
+
+@requires_cowley
+def test_real_twins_features_reproduce_their_responses():
+    """On the real files: 190923's first twin, read out by its own weights from the backbone's layer 4."""
+    root = cowley_root()
+    bb = build_backbone("cowley_twins", weights="none", layer="layer4", in_channels=3, kwargs={"root": str(root), "sessions": ["190923"]}).eval()
+    first = twins.load_twins(root, "190923", neurons=[min(cowley.twin_files(root, "190923"))])
+    x = _images(2, 3)
+    with torch.no_grad():
+        f = bb(x)
+        c4 = first.twins[0].beta.shape[0]
+        out = (f[:, :c4] * first.twins[0].beta).sum(dim=(1, 2, 3)) + first.twins[0].beta_b
+        torch.testing.assert_close(out, first(x)[:, 0], rtol=1e-3, atol=1e-3)
+    assert f.shape[1] == sum(twins.channel_counts(twins.read_twin_state(p))[4] for p in cowley.twin_files(root, "190923").values())
