@@ -41,7 +41,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
@@ -189,11 +189,12 @@ class FoldedTwin(nn.Module):
                 positions are then zeroed, as the (1, 3, 1, 3) zero padding would be.
             returns: (N,)
         """
-        h = self.hidden(x, _N_LAYERS - 1)[-1]
+        for h in self.hidden(x, _N_LAYERS - 1):
+            pass  # each layer's maps are freed as the next one is computed
         return (h * self.beta).sum(dim=(1, 2, 3)) + self.beta_b
 
-    def hidden(self, x: torch.Tensor, upto: int) -> list[torch.Tensor]:
-        """The twin's layer outputs 0 .. ``upto`` (after the ReLU).
+    def hidden(self, x: torch.Tensor, upto: int) -> Iterator[torch.Tensor]:
+        """The twin's layer outputs 0 .. ``upto`` (after the ReLU), one at a time.
 
         Shape:
             x: as for ``forward``.
@@ -209,7 +210,7 @@ class FoldedTwin(nn.Module):
         h[:, :, :, 0].zero_()
         h[:, :, :, -2:].zero_()
         h = h.relu_()
-        out = [h]
+        yield h
         for i in range(1, upto + 1):
             d = getattr(self, f"d{i}")
             if i == 1:
@@ -219,8 +220,7 @@ class FoldedTwin(nn.Module):
             else:
                 h = F.conv2d(h, d, padding=2, groups=d.shape[0])
             h = _pointwise(h, getattr(self, f"w{i}"), getattr(self, f"b{i}")).relu_()
-            out.append(h)
-        return out
+            yield h
 
 
 def pad_input(x: torch.Tensor) -> torch.Tensor:

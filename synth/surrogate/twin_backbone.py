@@ -102,8 +102,7 @@ class TwinFeatures(nn.Module):
         upto = max(self.layers)
         parts = []
         for twin in self.twins:
-            hs = twin.hidden(xp, upto)
-            parts.extend(hs[i] for i in self.layers)
+            parts.extend(h for i, h in enumerate(twin.hidden(xp, upto)) if i in self.layers)
         f = torch.cat(parts, dim=1)
         return f / self.feature_scale.to(f.dtype).view(1, -1, 1, 1)
 
