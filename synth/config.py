@@ -224,21 +224,10 @@ def _deep_copy(data: Any) -> Any:
 
 def config_files(path: str | os.PathLike) -> list[str]:
     """The config file and the chain of files it builds on (``base:``), itself first."""
-    out = [str(path)]
-    while True:
-        data = read_yaml(out[-1])
-        base = data.get("base") if isinstance(data, Mapping) else None
-        if not isinstance(base, str) or str(_base_path(out[-1], base)) in out:
-            return out
-        out.append(str(_base_path(out[-1], base)))
+    return _read_chain(path)[1]
 
 
-def _base_path(path: str | os.PathLike, base: str) -> Path:
-    p = Path(os.path.expanduser(base))
-    return p if p.is_absolute() else Path(path).parent / p
-
-
-def read_config_data(path: str | os.PathLike, _chain: tuple[str, ...] = ()) -> dict[str, Any]:
+def read_config_data(path: str | os.PathLike) -> dict[str, Any]:
     """A config file's mapping, with ``base: other.yaml`` (relative to this file) resolved:
     the base file's mapping with this file's keys deep-merged over it (mappings merge, a
     component naming another ``name`` and any other value replace; lists replace whole).
@@ -246,6 +235,11 @@ def read_config_data(path: str | os.PathLike, _chain: tuple[str, ...] = ()) -> d
     Raises:
         ConfigError: not a mapping, a missing or circular base (naming the file and key).
     """
+    return _read_chain(path)[0]
+
+
+def _read_chain(path: str | os.PathLike, _chain: tuple[str, ...] = ()) -> tuple[dict[str, Any], list[str]]:
+    """(the merged mapping, the files read: ``path`` first, then its bases)."""
     data = read_yaml(path)
     if data is None:
         raise ConfigError("empty file; expected a mapping of config sections", file=str(path))
@@ -253,17 +247,19 @@ def read_config_data(path: str | os.PathLike, _chain: tuple[str, ...] = ()) -> d
         raise ConfigError(f"expected a mapping of config sections, got {type(data).__name__}", file=str(path))
     data = dict(data)
     if "base" not in data:
-        return data
+        return data, [str(path)]
     base = data.pop("base")
     if not isinstance(base, str) or not base.strip():
         raise ConfigError(f"expected the path of another config file (relative to this one), got {base!r}", file=str(path), key="base")
-    bpath = _base_path(path, base)
+    p = Path(os.path.expanduser(base))
+    bpath = p if p.is_absolute() else Path(path).parent / p
     here = os.path.abspath(path)
     if os.path.abspath(bpath) in _chain + (here,):
         raise ConfigError(f"circular base: {bpath} builds on this file", file=str(path), key="base")
     if not bpath.is_file():
         raise ConfigError(f"base config not found: {bpath}", file=str(path), key="base")
-    return deep_merge(read_config_data(bpath, _chain + (here,)), data)
+    merged, files = _read_chain(bpath, _chain + (here,))
+    return deep_merge(merged, data), [str(path), *files]
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Config:
