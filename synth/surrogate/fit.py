@@ -142,6 +142,11 @@ class FitConfig:
             n_layers = int(self.backbone_kwargs.get("n_layers", 4))
             for layer in self.layers:
                 _small_cnn_layer(layer, n_layers)
+        if self.backbone == "cowley_twins" and self.layers:
+            from synth.surrogate.twin_backbone import parse_twin_layers
+
+            for layer in self.layers:
+                parse_twin_layers(layer)
         if self.backbone == "pretrained_core" and self.weights.strip().lower() == "none":
             raise ConfigError("backbone pretrained_core needs weights: /path/to/core.pt (saved by fit_core)", key="weights")
         if self.backbone in OWN_WEIGHTS and self.trains_backbone:

@@ -128,6 +128,8 @@ def test_config_rules():
     assert not fc.trains_backbone  # weights none is fine: the twins' files are the weights
     with pytest.raises(ConfigError, match="train_backbone"):
         from_dict(FitConfig, {"backbone": "cowley_twins", "train_backbone": True})
+    with pytest.raises(ConfigError, match="layers: unknown layer 'conv3' for backbone cowley_twins"):
+        from_dict(FitConfig, {"backbone": "cowley_twins", "layers": ["layers2-4", "conv3"]})  # at load, before any run folder
     with pytest.raises(ConfigError, match="unknown argument 'session'"):
         from_dict(FitConfig, {"backbone": "cowley_twins", "backbone_kwargs": {"session": ["a"]}})
 
