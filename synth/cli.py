@@ -128,6 +128,9 @@ def _parser() -> argparse.ArgumentParser:
                          "trials (cowley2023) instead of Poisson.")
     br.add_argument("run_dir", help="a finished run folder (config.resolved.yaml, manifest.csv, stimuli/, report.json)")
     br.add_argument("--draws", type=int, default=20, metavar="N", help="fresh recordings to draw (default 20)")
+    br.add_argument("--target-sites", metavar="ID[,ID...]",
+                    help="only the images made for these sites (their manifest target_site): the figures of that subset, "
+                    "one-hot scores still against every site; to compare runs on the sites they share")
     br.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a value of the run's config (e.g. the target's trial noise)")
     br.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override the run's device")
@@ -368,6 +371,7 @@ def _bench_gradients(a: argparse.Namespace, write) -> int:
 def _bench_redraw(a: argparse.Namespace, write) -> int:
     import json
 
+    import numpy as np
     import torch
 
     from synth.config import load_config
@@ -375,7 +379,7 @@ def _bench_redraw(a: argparse.Namespace, write) -> int:
     from synth.pipeline import finished_run, load_natural, load_target
     from synth.runtime import derive_seed, resolve_device
     from synth.validation.io import read_manifest
-    from synth.validation.redraw import FIGURES, redraw_figures
+    from synth.validation.redraw import FIGURES, headline_figures, manifest_of_sites, redraw_figures
 
     if a.draws < 2:
         raise UserError(f"--draws: expected at least 2, got {a.draws}")
@@ -389,22 +393,47 @@ def _bench_redraw(a: argparse.Namespace, write) -> int:
     nat, _ = load_natural(cfg, target)
     stim = read_stimulus_set(run)
     natural_ids = [str(s) for s in nat.stimulus_id]
-    images = torch.cat([nat.images, stim.images], dim=0)
-    ids = natural_ids + [str(s) for s in stim.stimulus_id]
+    manifest = read_manifest(run / "manifest.csv")
+    stim_images, stim_ids = stim.images, [str(s) for s in stim.stimulus_id]
+    if a.target_sites is not None:
+        sites = [s.strip() for s in a.target_sites.split(",") if s.strip()]
+        known = set(str(s) for s in recorder.site_ids)
+        unknown = [s for s in sites if s not in known]
+        if not sites or unknown:
+            raise UserError(f"--target-sites: {unknown[0] if unknown else repr(a.target_sites)} is not a site of target "
+                            f"'{target.name}' (expected comma-separated site ids such as {recorder.site_ids[0]})")
+        try:
+            manifest = manifest_of_sites(manifest, sites)
+        except ValueError as e:
+            raise UserError(f"--target-sites: {e} in {run / 'manifest.csv'}") from None
+        keep = {str(r["stimulus_id"]) for r in manifest}
+        rows = [i for i, s in enumerate(stim_ids) if s in keep]
+        stim_images, stim_ids = stim_images[rows], [stim_ids[i] for i in rows]
+    images = torch.cat([nat.images, stim_images], dim=0)
+    ids = natural_ids + stim_ids
     original = None if cfg.followup.record_natural else nat.recording  # natural statistics from the original recording
     noise = getattr(recorder, "noise_info", lambda: None)()
-    write(f"{target.name}: {len(recorder.site_ids)} sites, {len(natural_ids)} natural + {stim.images.shape[0]} synthesized images, "
-          f"{cfg.followup.n_repeats} repeats, {a.draws} fresh recordings" + (f", trial noise {noise['model']}" if noise else ""))
-    out = redraw_figures(recorder, images, ids, natural_ids, read_manifest(run / "manifest.csv"), n_repeats=cfg.followup.n_repeats,
+    write(f"{target.name}: {len(recorder.site_ids)} sites, {len(natural_ids)} natural + {len(stim_ids)} synthesized images"
+          + (f" (made for {len(sites)} of the sites)" if a.target_sites is not None else "")
+          + f", {cfg.followup.n_repeats} repeats, {a.draws} fresh recordings" + (f", trial noise {noise['model']}" if noise else ""))
+    out = redraw_figures(recorder, images, ids, natural_ids, manifest, n_repeats=cfg.followup.n_repeats,
                          draws=a.draws, seed=derive_seed(cfg.seed, "redraw"), original=original)
-    report = json.loads((run / "report.json").read_text())
+    if a.target_sites is None:
+        own_figures = headline_figures(json.loads((run / "report.json").read_text()))
+    elif (run / "followup.npz").is_file():  # the run's own recording, scored on the same subset
+        from synth.data.recordings import Recording
+        from synth.validation.control import closed_loop_metrics
+
+        rec = Recording.load(run / "followup.npz")
+        own_figures = headline_figures(closed_loop_metrics(rec.select(stimuli=ids), None, manifest, natural_ids, n_bootstrap=0))
+    else:
+        own_figures = {}
     for f in FIGURES:
-        block, key = f.split(".")
-        own = (report.get(block) or {}).get(key)
+        own = own_figures.get(f, float("nan"))
         sm = out.summary(f)
         line = (f"{f}: redrawn mean {sm['mean']:.3f} sd {sm['sd']:.3f} [5%: {sm['p5']:.3f}, 95%: {sm['p95']:.3f}]; "
                 f"noise-free {out.expected[f]:.3f}")
-        if own is not None:
+        if np.isfinite(own):
             line += f"; the run's recording {own:.3f} (above {out.rank(f, float(own)):.0%} of the draws)"
         write(line)
     return 0

@@ -912,3 +912,40 @@ def test_bench_redraw_records_the_same_images_again(tiny_run, tmp_path, capsys):
     assert_one_line_error(code, err, "--draws", "at least 2")
     code, _, err = run_cli(["bench", "redraw", tmp_path], capsys)
     assert_one_line_error(code, err, str(tmp_path), "not a finished synth run folder")
+
+
+def test_bench_redraw_of_some_target_sites_scores_only_their_images(tiny_run, capsys):
+    """--target-sites: the figures of the images made for those sites, the run's own recording scored on them too."""
+    from synth.data.recordings import Recording
+    from synth.validation.io import read_manifest
+
+    _, run = tiny_run
+    manifest = read_manifest(run / "manifest.csv")
+    targets = sorted({str(r["target_site"]) for r in manifest if r["objective"] == "stretch"})
+    rec = Recording.load(run / "followup.npz")
+    natural = [str(s) for s in np.load(run / "natural.npz")["stimulus_id"]]
+    means = np.nanmean(rec.responses, axis=2)  # (sites, stimuli)
+    col = {str(s): j for j, s in enumerate(rec.stimulus_id)}
+    own = []
+    for site in targets:
+        code, out, err = run_cli(["bench", "redraw", run, "--target-sites", site, "--draws", "2", "-q"], capsys)
+        assert code == 0, err
+        assert "(made for 1 of the sites)" in out
+        rows = {m.group(1): m.groups()[1:] for m in map(_REDRAW.match, out.splitlines()) if m}
+        own.append(float(rows["stretch.fraction_above_natural_max"][5]))
+        # by hand from the run's recording: the site's best stretch image against its natural maximum
+        i = list(rec.site_id).index(site)
+        stretch = [col[str(r["stimulus_id"])] for r in manifest if r["objective"] == "stretch" and r["target_site"] == site]
+        assert own[-1] == float(means[i, stretch].max() > means[i, [col[s] for s in natural]].max())
+    # the whole run's fraction is the mean over its targets' one-site fractions
+    rep = json.loads((run / "report.json").read_text())
+    assert round(float(np.mean(own)), 3) == round(rep["stretch"]["fraction_above_natural_max"], 3)
+    # bad input
+    code, _, err = run_cli(["bench", "redraw", run, "--target-sites", "nosuch_site"], capsys)
+    assert_one_line_error(code, err, "--target-sites", "nosuch_site", "is not a site of target")
+    # a site of the target that no image was made for (stimuli.sites picked others)
+    from synth.validation.redraw import manifest_of_sites
+
+    assert [r["stimulus_id"] for r in manifest_of_sites(manifest, targets[:1])] == [r["stimulus_id"] for r in manifest if r["target_site"] == targets[0]]
+    with pytest.raises(ValueError, match="no image targets site v4_x"):
+        manifest_of_sites(manifest, [targets[0], "v4_x"])

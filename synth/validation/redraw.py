@@ -63,13 +63,33 @@ class Redrawn:
         return float(((v < value).sum() + 0.5 * (v == value).sum()) / max(v.size, 1))
 
 
-def _figures(m: Mapping) -> dict[str, float]:
+def headline_figures(m: Mapping) -> dict[str, float]:
+    """The :data:`FIGURES` of a ``closed_loop_metrics`` dict or a ``report.json`` (NaN where absent)."""
     out = {}
     for f in FIGURES:
         block, key = f.split(".")
         v = (m.get(block) or {}).get(key)
         out[f] = float("nan") if v is None else float(v)
     return out
+
+
+def manifest_of_sites(manifest: Sequence[Mapping[str, str]], sites: Sequence[str]) -> list[Mapping[str, str]]:
+    """The manifest rows of the images made for one of ``sites`` (their ``target_site``).
+
+    Figures over these rows are a subset's: the stretch fraction and one-hot ratio of those
+    targets only, each one-hot score still taken against every recorded site. Used to
+    compare runs that synthesized for different sites on the sites they share.
+
+    Raises:
+        ValueError: a site that no row targets (the message names it).
+    """
+    want = [str(s) for s in sites]
+    rows = [r for r in manifest if str(r["target_site"]) in set(want)]
+    have = {str(r["target_site"]) for r in rows}
+    missing = [s for s in want if s not in have]
+    if missing:
+        raise ValueError(f"no image targets site {missing[0]}")
+    return rows
 
 
 def noise_free_metrics(
@@ -132,7 +152,7 @@ def redraw_figures(
     if len(ids) != images.shape[0]:
         raise ValueError(f"{images.shape[0]} images but {len(ids)} stimulus ids")
     mean = recorder.expected(images)
-    expected = _figures(noise_free_metrics(mean, ids, recorder.site_ids, manifest, natural_ids))
+    expected = headline_figures(noise_free_metrics(mean, ids, recorder.site_ids, manifest, natural_ids))
     rows = np.arange(len(ids))
     if original is not None:
         natural = set(str(s) for s in natural_ids)
@@ -142,6 +162,6 @@ def redraw_figures(
         rec = recorder.record(images[rows], [ids[i] for i in rows], n_repeats=n_repeats, seed=derive_seed(seed, "redraw", d), expected=mean[rows])
         if original is not None:
             rec = original.concat(rec)
-        for f, v in _figures(closed_loop_metrics(rec, None, manifest, natural_ids, n_bootstrap=0)).items():
+        for f, v in headline_figures(closed_loop_metrics(rec, None, manifest, natural_ids, n_bootstrap=0)).items():
             values[f].append(v)
     return Redrawn(values={f: np.asarray(v) for f, v in values.items()}, expected=expected)
