@@ -84,7 +84,8 @@ def manifest_of_sites(manifest: Sequence[Mapping[str, str]], sites: Sequence[str
         ValueError: a site that no row targets (the message names it).
     """
     want = [str(s) for s in sites]
-    rows = [r for r in manifest if str(r["target_site"]) in set(want)]
+    wanted = set(want)
+    rows = [r for r in manifest if str(r["target_site"]) in wanted]
     have = {str(r["target_site"]) for r in rows}
     missing = [s for s in want if s not in have]
     if missing:
