@@ -97,6 +97,14 @@ class FitConfig:
     lr_decay_steps: int = field(default=1, metadata={"min": 0, "max": 10, "help": "plateau: times the lr is cut (from the best state) before stopping"})
     augment_shift: int = field(default=0, metadata={"min": 0, "max": 64, "help": "random shifts of up to this many pixels while training the backbone (0: off)"})
     input_size: int | None = field(default=None, metadata={"min": 0, "help": "resize images inside the model (default: 64 small_cnn, 224 torchvision; 0: never)"})
+    max_twins: int = field(
+        default=0,
+        metadata={
+            "min": 0,
+            "help": "backbone cowley_twins: keep the twins with the largest share of the readout's drive, this many, "
+            "and fit the readout again on them (synthesis runs only those; 0: every twin)",
+        },
+    )
     split: SplitConfig = field(default_factory=SplitConfig)
     refit: str = field(
         default="none",
@@ -147,6 +155,11 @@ class FitConfig:
 
             for layer in self.layers:
                 parse_twin_layers(layer)
+        if self.max_twins and (self.backbone != "cowley_twins" or name != "factorized"):
+            raise ConfigError(
+                f"max_twins ranks the twins of backbone cowley_twins by a factorized readout's weights; got backbone {self.backbone}, readout {name}",
+                key="max_twins",
+            )
         if self.backbone == "pretrained_core" and self.weights.strip().lower() == "none":
             raise ConfigError("backbone pretrained_core needs weights: /path/to/core.pt (saved by fit_core)", key="weights")
         if self.backbone in OWN_WEIGHTS and self.trains_backbone:
@@ -460,6 +473,7 @@ class _Run:
     best_epoch: int
     seconds: float
     feature_shape: tuple[int, int, int]
+    notes: dict[str, Any] = field(default_factory=dict)
 
 
 def _train(
@@ -537,6 +551,78 @@ def _train(
     return history, epoch + 1, best_epoch
 
 
+def _new_model(
+    cfg: FitConfig, backbone: nn.Module, layer: str, y_tr: torch.Tensor, *, site_ids: np.ndarray, image_size: int, in_channels: int, device: torch.device, seed: int
+) -> Surrogate:
+    """A surrogate with a fresh readout (bias at the sites' mean training response) on ``backbone``."""
+    in_shape = backbone.out_shape(image_size, in_channels)
+    readout = build_readout(cfg.readout, in_shape=in_shape, n_sites=y_tr.shape[1], seed=derive_seed(seed, "readout", layer))
+    scale = _site_scale(y_tr)
+    readout.init_bias(y_tr.mean(dim=0) / scale)
+    if hasattr(readout, "generator"):
+        readout.generator = torch_generator(derive_seed(seed, "readout-noise", layer))
+    return Surrogate(backbone, readout, site_ids=site_ids, image_size=image_size, in_channels=in_channels, output_scale=scale).to(device)
+
+
+def _fit_readout_on_features(
+    cfg: FitConfig, model: Surrogate, f_tr: torch.Tensor, f_va: torch.Tensor, y_tr: torch.Tensor, y_va: torch.Tensor, *, seed: int, layer: str, desc: str
+) -> tuple[list[float], int, int]:
+    """Train ``model``'s readout on precomputed backbone features (frozen backbone)."""
+    readout = model.readout
+
+    def forward_train(idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        return readout(f_tr[idx.to(f_tr.device)])
+
+    def forward_val() -> torch.Tensor:
+        return readout(f_va)
+
+    scale = model.output_scale.to(y_tr.device)
+    return _train(
+        model=model, params=[{"params": list(readout.parameters())}], forward_train=forward_train, forward_val=forward_val,
+        train_modules=[readout], y_tr=y_tr / scale, y_va=y_va / scale, cfg=cfg, seed=derive_seed(seed, "train", layer), desc=desc,
+    )
+
+
+def _prune_twins(
+    cfg: FitConfig, model: Surrogate, layer: str, f_tr: torch.Tensor, f_va: torch.Tensor, y_tr: torch.Tensor, y_va: torch.Tensor,
+    *, site_ids: np.ndarray, image_size: int, in_channels: int, device: torch.device, seed: int,
+) -> tuple[Surrogate, tuple[list[float], int, int], dict[str, Any]]:
+    """``max_twins``: keep the twins with the largest share of ``model``'s readout drive
+    and fit a fresh readout on their channels (the features sliced, not recomputed)."""
+    from synth.surrogate.twin_backbone import twin_shares
+
+    body = model.backbone.body
+    shares = twin_shares(model.readout, f_tr, body.channel_ranges)
+    order = np.argsort(-shares, kind="stable")[: cfg.max_twins]
+    keep = sorted(int(i) for i in order)
+    ids = [body.ids[i] for i in keep]
+    channels = torch.cat([torch.arange(*body.channel_ranges[i]) for i in keep])
+    backbone = build_backbone(
+        cfg.backbone, weights=cfg.weights, layer=layer, in_channels=in_channels, input_size=cfg.input_size,
+        kwargs={**cfg.backbone_kwargs, "twins": ids}, seed=derive_seed(seed, "backbone", layer),
+    ).to(device)
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    with torch.no_grad():
+        backbone.body.feature_scale.copy_(body.feature_scale[channels.to(body.feature_scale.device)])
+    pruned = _new_model(cfg, backbone, layer, y_tr, site_ids=site_ids, image_size=image_size, in_channels=in_channels, device=device, seed=seed)
+    idx = channels.to(f_tr.device)
+    fit = _fit_readout_on_features(
+        cfg, pruned, f_tr.index_select(1, idx), f_va.index_select(1, idx), y_tr, y_va, seed=seed, layer=layer, desc=f"fit {cfg.backbone}:{layer} ({len(ids)} twins)"
+    )
+    notes = {
+        "twins": ids,
+        "twins_of": len(body.ids),
+        "twins_share": float(shares[keep].sum()),
+        "channels": int(channels.numel()),
+    }
+    log.info(
+        "max_twins: kept %d of %d twins (%.0f%% of the readout's drive, %d of %d channels)",
+        len(ids), len(body.ids), 100 * notes["twins_share"], notes["channels"], body.n_channels,
+    )
+    return pruned, fit, notes
+
+
 def _fit_layer(
     cfg: FitConfig,
     layer: str,
@@ -561,16 +647,11 @@ def _fit_layer(
         kwargs=cfg.backbone_kwargs,
         seed=derive_seed(seed, "backbone", layer),
     ).to(device)
-    in_shape = backbone.out_shape(image_size, in_channels)
-    readout = build_readout(cfg.readout, in_shape=in_shape, n_sites=y_tr.shape[1], seed=derive_seed(seed, "readout", layer))
-    scale = _site_scale(y_tr)
-    readout.init_bias(y_tr.mean(dim=0) / scale)
-    if hasattr(readout, "generator"):
-        readout.generator = torch_generator(derive_seed(seed, "readout-noise", layer))
-    model = Surrogate(backbone, readout, site_ids=site_ids, image_size=image_size, in_channels=in_channels, output_scale=scale).to(device)
-    yn_tr, yn_va = y_tr / scale, y_va / scale
-    readout_params = list(readout.parameters())
+    dims = {"site_ids": site_ids, "image_size": image_size, "in_channels": in_channels, "device": device, "seed": seed}
+    model = _new_model(cfg, backbone, layer, y_tr, **dims)
+    readout = model.readout
     desc = f"fit {cfg.backbone}:{layer}"
+    notes: dict[str, Any] = {}
     if train_bb:
         x_dev = x_tr.to(device)
         xv_dev = x_va.to(device)
@@ -584,13 +665,14 @@ def _fit_layer(
         def forward_val() -> torch.Tensor:
             return torch.cat([readout(backbone(xv_dev[i : i + 256])) for i in range(0, xv_dev.shape[0], 256)])
 
+        scale = model.output_scale.to(y_tr.device)
         params = [
             {"params": [p for p in backbone.parameters() if p.requires_grad], "weight_decay": cfg.weight_decay},
-            {"params": readout_params, "weight_decay": 0.0},
+            {"params": list(readout.parameters()), "weight_decay": 0.0},
         ]
         history, epochs, best = _train(
             model=model, params=params, forward_train=forward_train, forward_val=forward_val,
-            train_modules=[backbone, readout], y_tr=yn_tr, y_va=yn_va, cfg=cfg, seed=derive_seed(seed, "train", layer),
+            train_modules=[backbone, readout], y_tr=y_tr / scale, y_va=y_va / scale, cfg=cfg, seed=derive_seed(seed, "train", layer),
             desc=desc, extra_reg=backbone.regularizer,
         )
     else:
@@ -605,22 +687,17 @@ def _fit_layer(
             sd = fit_scale(f_tr).view(1, -1, 1, 1)
             f_tr, f_va = f_tr / sd, f_va / sd
         log.info("%s: features %s computed in %.1f s", desc, tuple(f_tr.shape[1:]), time.perf_counter() - t0)
-
-        def forward_train(idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-            return readout(f_tr[idx.to(f_tr.device)])
-
-        def forward_val() -> torch.Tensor:
-            return readout(f_va)
-
-        history, epochs, best = _train(
-            model=model, params=[{"params": readout_params}], forward_train=forward_train, forward_val=forward_val,
-            train_modules=[readout], y_tr=yn_tr, y_va=yn_va, cfg=cfg, seed=derive_seed(seed, "train", layer), desc=desc,
-        )
+        history, epochs, best = _fit_readout_on_features(cfg, model, f_tr, f_va, y_tr, y_va, seed=seed, layer=layer, desc=desc)
+        if cfg.max_twins and cfg.max_twins < len(getattr(backbone.body, "ids", ())):
+            with torch.no_grad():
+                notes["val_median_r_all_twins"] = _num(_median(pearson_columns(model.readout(f_va).cpu().numpy(), (y_va / model.output_scale.cpu()).numpy())))
+            model, (history, epochs, best), more = _prune_twins(cfg, model, layer, f_tr, f_va, y_tr, y_va, **dims)
+            notes.update(more)
     model.eval()
     with torch.no_grad():
         pv = predict(model, x_va, device=device)
     val_r = pearson_columns(pv, y_va.numpy())
-    return _Run(model, val_r, history, epochs, best, time.perf_counter() - t0, in_shape)
+    return _Run(model, val_r, history, epochs, best, time.perf_counter() - t0, model.backbone.out_shape(image_size, in_channels), notes)
 
 
 def fit_surrogate(
@@ -695,6 +772,8 @@ def fit_surrogate(
         "n_parameters": int(sum(p.numel() for p in model.parameters())),
         "per_site_val_r": {s: _num(r) for s, r in zip(site_ids, best.val_r)},
     }
+    if best.notes:
+        report["max_twins"] = dict(best.notes)
     return model, report
 
 

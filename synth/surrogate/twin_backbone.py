@@ -19,6 +19,11 @@ Layers (``layer``): ``out`` (= ``layers2-4``, the default), ``layer2`` ... ``lay
 Every channel is divided by a scale (``feature_scale``, a saved buffer) that the fit sets
 to its standard deviation over the training images (:meth:`TwinFeatures.fit_feature_scale`),
 so that the readout's L1 penalties weigh the channels alike.
+
+``twins`` (backbone_kwargs) keeps only the listed twins (``"<session>_n<k:03d>"``). The
+fit's ``max_twins`` picks them: it fits the readout on every twin, ranks the twins by their
+share of the readout's drive (:func:`twin_shares`), keeps the first ``max_twins`` and fits
+the readout again on their channels; synthesis then runs only those twins.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import re
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -67,27 +73,34 @@ class TwinFeatures(nn.Module):
     Args:
         states: compact-model state dicts (one per twin).
         layers: twin layer indices to concatenate (from ``TWIN_LAYERS``).
+        ids: one name per twin (default ``twin0``, ``twin1``...).
 
     Shape:
         - Input: ``(N, 3, 112, 112)``, the twins' input (0..255 minus channel means).
         - Output: ``(N, C, 28, 28)``, C = the twins' channels in ``layers``, summed.
     """
 
-    def __init__(self, states: Sequence[dict[str, torch.Tensor]], layers: Sequence[int]) -> None:
+    def __init__(self, states: Sequence[dict[str, torch.Tensor]], layers: Sequence[int], ids: Sequence[str] | None = None) -> None:
         super().__init__()
         from synth.populations.twins import FoldedTwin, channel_counts
 
         if not states:
             raise ValueError("TwinFeatures needs at least one twin")
+        self.ids = tuple(str(i) for i in ids) if ids is not None else tuple(f"twin{i}" for i in range(len(states)))
+        if len(self.ids) != len(states):
+            raise ValueError(f"{len(self.ids)} ids for {len(states)} twins")
         self.layers = tuple(int(i) for i in layers)
+        counts = [sum(channel_counts(s)[i] for i in self.layers) for s in states]
+        edges = np.cumsum([0, *counts])
+        #: channel range [start, stop) of each twin in the output
+        self.channel_ranges = tuple((int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]))
         # Twin weights are non-persistent: rebuilt from the data files, never copied into
         # saved surrogates (they are the data set's, GPL-3.0).
         self.twins = nn.ModuleList([FoldedTwin(s, torch.float32) for s in states])
         for t in self.twins:
             for name, buf in list(t.named_buffers(recurse=False)):
                 t.register_buffer(name, buf, persistent=False)
-        n = sum(channel_counts(s)[i] for s in states for i in self.layers)
-        self.register_buffer("feature_scale", torch.ones(n))
+        self.register_buffer("feature_scale", torch.ones(int(edges[-1])))
 
     @property
     def n_channels(self) -> int:
@@ -124,6 +137,50 @@ class TwinFeatures(nn.Module):
         return sd.to(features.device)
 
 
+def twin_shares(readout: nn.Module, features: torch.Tensor, channel_ranges: Sequence[tuple[int, int]], *, chunk: int = 64) -> np.ndarray:
+    """Each twin's share of a factorized readout's drive, averaged over sites.
+
+    A site's drive is ``sum_c weight[s, c] * <mask_s, x_c>``; channel c's part of it varies
+    over the images with standard deviation ``|weight[s, c]| * std_n <mask_s, x_c>``. These
+    are normalized to sum to 1 per site, summed over each twin's channels and averaged
+    over the sites.
+
+    Args:
+        readout: a :class:`~synth.surrogate.readouts.FactorizedReadout` (``mask``, ``weight``).
+        features: ``(N, C, H, W)`` the readout's inputs (e.g. the training images' features).
+        channel_ranges: ``[start, stop)`` of each twin's channels (``TwinFeatures.channel_ranges``).
+        chunk: images per step (memory).
+
+    Returns:
+        ``(T,)`` shares, summing to 1 (to rounding).
+
+    Example:
+        >>> order = np.argsort(-twin_shares(model.readout, f_train, backbone.body.channel_ranges))
+    """
+    if not (hasattr(readout, "effective_mask") and hasattr(readout, "weight")):
+        raise ValueError(f"twin_shares needs a factorized readout (mask x channel weights), got {type(readout).__name__}")
+    n, c, h, w = features.shape
+    if (c, h, w) != tuple(readout.in_shape):
+        raise ValueError(f"expected features {tuple(readout.in_shape)}, got {(c, h, w)}")
+    if not channel_ranges or channel_ranges[-1][1] != c:
+        raise ValueError(f"channel ranges must cover the {c} channels")
+    with torch.no_grad():
+        m = readout.effective_mask().reshape(readout.n_sites, h * w).t().float()  # (HW, S)
+        pooled = torch.cat([
+            torch.matmul(features[i : i + chunk].reshape(-1, c, h * w).to(m.device, torch.float32), m)
+            for i in range(0, n, chunk)
+        ])  # (N, C, S)
+        drive = pooled.std(dim=0) * readout.weight.detach().float().abs().t()  # (C, S)
+        drive = drive / drive.sum(dim=0, keepdim=True).clamp_min(1e-12)
+        per_twin = torch.stack([drive[a:b].sum(dim=0) for a, b in channel_ranges])  # (T, S)
+    return per_twin.mean(dim=1).cpu().double().numpy()
+
+
+def twin_id(session: str, k: int) -> str:
+    """The name of session ``session``'s twin of neuron ``k`` (its site id)."""
+    return f"{session}_n{int(k):03d}"
+
+
 @BACKBONES.register("cowley_twins")
 def build_cowley_twins(
     *,
@@ -133,6 +190,7 @@ def build_cowley_twins(
     input_size: int | None = None,
     root: str = "",
     sessions: Sequence[str] = (),
+    twins: Sequence[str] = (),
 ) -> Backbone:
     """Hidden layers of the digital twins of ``sessions`` under the Cowley 2023 data ``root``.
 
@@ -144,9 +202,11 @@ def build_cowley_twins(
         root: the data root (``synth run`` fills ``auto`` with target.root).
         sessions: sessions whose twins make the backbone (``synth run`` fills ``auto`` with
             every session with twins except the evaluated one).
+        twins: keep only these twins of ``sessions`` (``"<session>_n<k:03d>"``; empty: all);
+            the fit's ``max_twins`` fills it.
 
     Raises:
-        ConfigError: root/sessions unset, or weights given.
+        ConfigError: root/sessions unset, weights given, a twin not of ``sessions``.
         DataError: a session without twin files under root.
     """
     from synth.data import cowley
@@ -160,16 +220,26 @@ def build_cowley_twins(
             "`synth run` fills root: auto and sessions: auto from the target",
             key="backbone_kwargs",
         )
+    if isinstance(twins, str):
+        raise ConfigError(f"expected a list of twin ids such as {twin_id('201025', 7)}, got {twins!r}", key="backbone_kwargs.twins")
     layers = parse_twin_layers(layer)
-    states = []
+    files: dict[str, Path] = {}
     for s in sessions:
-        files = cowley.twin_files(root, str(s))
-        if not files:
+        found = cowley.twin_files(root, str(s))
+        if not found:
             have = cowley.twin_sessions(root) if os.path.isdir(root) else []
             raise DataError(f"{Path(root) / cowley.MODELS_DIR}: no digital twins of session {s} (sessions with twins: {', '.join(have) or 'none'})")
-        states.extend(read_twin_state(p) for p in files.values())
-    body = TwinFeatures(states, layers)
-    log.info("cowley_twins backbone: %d twins of session(s) %s, layers %s, %d channels", len(states), ", ".join(map(str, sessions)), layers, body.n_channels)
+        files.update((twin_id(str(s), k), p) for k, p in found.items())
+    wanted = [str(t) for t in twins]
+    unknown = [t for t in wanted if t not in files]
+    if unknown:
+        raise ConfigError(
+            f"twin {unknown[0]} is not a twin of session(s) {', '.join(map(str, sessions))} under {root} (expected ids such as {next(iter(files))})",
+            key="backbone_kwargs.twins",
+        )
+    keep = [t for t in files if not wanted or t in wanted]
+    body = TwinFeatures([read_twin_state(files[t]) for t in keep], layers, ids=keep)
+    log.info("cowley_twins backbone: %d twins of session(s) %s, layers %s, %d channels", len(keep), ", ".join(map(str, sessions)), layers, body.n_channels)
     if input_size not in (None, 0, TWIN_SIZE):
         log.info("cowley_twins: input_size %s ignored (the twins see %d x %d images)", input_size, TWIN_SIZE, TWIN_SIZE)
     return Backbone(
@@ -181,5 +251,5 @@ def build_cowley_twins(
         mean=[m / 255.0 for m in CHANNEL_MEANS],
         std=[1 / 255.0] * 3,
         input_size=TWIN_SIZE,
-        build={"name": "cowley_twins", "kwargs": {"root": str(root), "sessions": [str(s) for s in sessions]}},
+        build={"name": "cowley_twins", "kwargs": {"root": str(root), "sessions": [str(s) for s in sessions], **({"twins": keep} if wanted else {})}},
     )

@@ -22,7 +22,8 @@ from synth.populations import twins
 from synth.surrogate.backbones import build_backbone
 from synth.surrogate.fit import FitConfig, fit_surrogate
 from synth.surrogate.model import Surrogate
-from synth.surrogate.twin_backbone import TwinFeatures, parse_twin_layers
+from synth.surrogate.readouts import build_readout
+from synth.surrogate.twin_backbone import TwinFeatures, parse_twin_layers, twin_shares
 
 COUNTS = [3, 2, 2, 3, 4]  # channels of layers 0-4
 
@@ -159,6 +160,96 @@ def test_run_fills_auto_and_never_uses_the_evaluated_sessions_twins(root):
         resolve_twin_backbone(only, target)
     other = from_dict(FitConfig, {})
     assert resolve_twin_backbone(other, target) is other
+
+
+def test_twins_keeps_the_listed_twins_channels_and_records_them(root):
+    full = _backbone(root, sessions=("s1", "s2")).eval()
+    some = build_backbone("cowley_twins", weights="none", in_channels=3, kwargs={"root": str(root), "sessions": ["s1", "s2"], "twins": ["s2_n000", "s1_n000"]}).eval()
+    assert full.body.ids == ("s1_n000", "s1_n001", "s2_n000")
+    assert some.body.ids == ("s1_n000", "s2_n000")  # in the data's order, not the list's
+    per_twin = sum(COUNTS[i] for i in (2, 3, 4))
+    assert full.body.channel_ranges == ((0, per_twin), (per_twin, 2 * per_twin), (2 * per_twin, 3 * per_twin))
+    x = _images(2)
+    with torch.no_grad():
+        f, g = full(x), some(x)
+    torch.testing.assert_close(g, torch.cat([f[:, :per_twin], f[:, 2 * per_twin :]], dim=1))
+    assert some.build_spec["kwargs"]["twins"] == ["s1_n000", "s2_n000"]
+    assert "twins" not in full.build_spec["kwargs"]
+    with pytest.raises(ConfigError, match="backbone_kwargs.twins: twin s2_n001 is not a twin of session.s. s1, s2 under .* .expected ids such as s1_n000"):
+        build_backbone("cowley_twins", weights="none", kwargs={"root": str(root), "sessions": ["s1", "s2"], "twins": ["s2_n001"]})
+    with pytest.raises(ConfigError, match="expected a list of twin ids"):
+        build_backbone("cowley_twins", weights="none", kwargs={"root": str(root), "sessions": ["s1"], "twins": "s1_n000"})
+
+
+def test_twin_shares_follow_the_readout_weights():
+    """Weights on the second twin's channels only: it carries the whole drive; spread
+    evenly over equal, independent channels: equal shares."""
+    ranges = ((0, 3), (3, 5), (5, 9))
+    f = torch.randn(40, 9, 4, 4, generator=torch.Generator().manual_seed(0))
+    ro = build_readout({"name": "factorized"}, in_shape=(9, 4, 4), n_sites=2, seed=0)
+    with torch.no_grad():
+        ro.weight.zero_()
+        ro.weight[:, 3:5] = torch.tensor([[1.0, -2.0], [0.5, 0.5]])
+    np.testing.assert_allclose(twin_shares(ro, f, ranges), [0.0, 1.0, 0.0], atol=1e-6)
+    with torch.no_grad():
+        ro.weight.fill_(1.0)
+        ro.mask.fill_(1.0)
+    got = twin_shares(ro, f, ranges)
+    assert got.sum() == pytest.approx(1.0) and got[2] > got[0] > got[1]  # more channels, more drive
+    np.testing.assert_allclose(got, np.array([3, 2, 4]) / 9, atol=0.08)
+    with pytest.raises(ValueError, match="factorized readout"):
+        twin_shares(build_readout({"name": "gaussian"}, in_shape=(9, 4, 4), n_sites=2, seed=0), f, ranges)
+    with pytest.raises(ValueError, match="cover the 9 channels"):
+        twin_shares(ro, f, ranges[:2])
+
+
+def test_max_twins_keeps_the_twin_that_drives_the_sites_and_round_trips(tmp_path):
+    """Session s1 with three twins, two of them blind (first-layer weights 0: features that
+    do not depend on the image): their channels carry no drive, so max_twins 1 keeps the
+    seeing twin s1_n001, refits on its channels alone, and the saved surrogate rebuilds
+    with that twin only."""
+    root = tmp_path / "root"
+    (root / cowley.MODELS_DIR).mkdir(parents=True)
+    for k in range(3):
+        state = random_twin_state(COUNTS, 40 + k, unit_bn=True)
+        if k != 1:
+            state["layers.layer0_conv.weight"] = torch.zeros_like(state["layers.layer0_conv.weight"])
+        torch.save(state, root / cowley.MODELS_DIR / f"compact_model_s1_neuron{k}.pt")
+    x = _images(48, 3)
+    bb = _backbone(root).eval()
+    a, b = bb.body.channel_ranges[1]
+    with torch.no_grad():
+        own = bb(x)[:, a:b].mean(dim=(2, 3))  # (N, channels of s1_n001)
+    w = torch.randn(b - a, 2, generator=torch.Generator().manual_seed(2))
+    drive = own @ w
+    y = ((drive - drive.min(dim=0).values) / drive.std(dim=0) + 0.2).float()
+    base = {"backbone": "cowley_twins", "backbone_kwargs": {"root": str(root), "sessions": ["s1"]}, "epochs": 20, "batch_size": 16, "loss": "mse"}
+    plain, rep_all = fit_surrogate(from_dict(FitConfig, base), (x[:36], y[:36]), (x[36:], y[36:]), site_ids=["a", "b"], seed=0)
+    plain_scale = plain.backbone.body.feature_scale
+    cfg = from_dict(FitConfig, {**base, "max_twins": 1})
+    model, rep = fit_surrogate(cfg, (x[:36], y[:36]), (x[36:], y[36:]), site_ids=["a", "b"], seed=0)
+    notes = rep["max_twins"]
+    assert notes["twins"] == ["s1_n001"] and notes["twins_of"] == 3 and notes["channels"] == sum(COUNTS[2:])
+    assert notes["twins_share"] > 0.99  # the blind twins' channels do not vary: no drive
+    assert model.backbone.body.ids == ("s1_n001",)
+    assert rep["feature_shape"] == {"out": [sum(COUNTS[2:]), 28, 28]}
+    torch.testing.assert_close(model.backbone.body.feature_scale, plain_scale[a:b])  # the first fit's scales of the kept channels
+    path = tmp_path / "pruned.pt"
+    model.save(path)
+    back = Surrogate.load(path)
+    assert back.backbone.body.ids == ("s1_n001",)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), model(x))
+    assert "max_twins" not in rep_all and plain.backbone.body.ids == ("s1_n000", "s1_n001", "s1_n002")
+    assert rep_all["val_median_r"] == pytest.approx(notes["val_median_r_all_twins"], abs=1e-4)  # the same first fit
+
+
+def test_max_twins_needs_the_twin_backbone_and_a_factorized_readout():
+    with pytest.raises(ConfigError, match="max_twins: max_twins ranks the twins of backbone cowley_twins by a factorized readout's weights; got backbone small_cnn"):
+        from_dict(FitConfig, {"max_twins": 4})
+    with pytest.raises(ConfigError, match="readout gaussian"):
+        from_dict(FitConfig, {"backbone": "cowley_twins", "readout": "gaussian", "max_twins": 4})
+    assert from_dict(FitConfig, {"backbone": "cowley_twins", "max_twins": 4}).max_twins == 4
 
 
 def test_twin_features_need_twins():
