@@ -71,9 +71,14 @@ def stimulus_ids(session: str, n: int) -> np.ndarray:
     return np.array([f"{session}_{k:04d}" for k in range(1, n + 1)])
 
 
+def site_id(session: str, i: int) -> str:
+    """``"<session>_n<i:03d>"``: response row ``i`` of a session, and the name of its twin."""
+    return f"{session}_n{int(i):03d}"
+
+
 def site_ids(session: str, n: int) -> np.ndarray:
     """``"<session>_n000"`` ... for response rows 0..n-1."""
-    return np.array([f"{session}_n{i:03d}" for i in range(n)])
+    return np.array([site_id(session, i) for i in range(n)])
 
 
 def _check_root(root: str | os.PathLike) -> Path:

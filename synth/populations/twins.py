@@ -386,7 +386,7 @@ def load_twins(root: str | os.PathLike, session: str, *, device: torch.device | 
         raise DataError(f"{Path(root) / cowley.MODELS_DIR}: no compact_model_{session}_neuron{missing[0]}.pt")
     states = [read_twin_state(files[k]) for k in ks]
     shas = [file_sha256(files[k]) for k in ks]
-    ids = [f"{session}_n{k:03d}" for k in ks]
+    ids = [cowley.site_id(session, k) for k in ks]
     ens = TwinEnsemble(states, ids, dtype=dtype, block=block, files=[str(files[k]) for k in ks], weights_sha256=shas, bn_eps=bn_eps)
     return ens.to(device)
 

@@ -176,11 +176,6 @@ def twin_shares(readout: nn.Module, features: torch.Tensor, channel_ranges: Sequ
     return per_twin.mean(dim=1).cpu().double().numpy()
 
 
-def twin_id(session: str, k: int) -> str:
-    """The name of session ``session``'s twin of neuron ``k`` (its site id)."""
-    return f"{session}_n{int(k):03d}"
-
-
 @BACKBONES.register("cowley_twins")
 def build_cowley_twins(
     *,
@@ -221,7 +216,7 @@ def build_cowley_twins(
             key="backbone_kwargs",
         )
     if isinstance(twins, str):
-        raise ConfigError(f"expected a list of twin ids such as {twin_id('201025', 7)}, got {twins!r}", key="backbone_kwargs.twins")
+        raise ConfigError(f"expected a list of twin ids such as {cowley.site_id('201025', 7)}, got {twins!r}", key="backbone_kwargs.twins")
     layers = parse_twin_layers(layer)
     files: dict[str, Path] = {}
     for s in sessions:
@@ -229,7 +224,7 @@ def build_cowley_twins(
         if not found:
             have = cowley.twin_sessions(root) if os.path.isdir(root) else []
             raise DataError(f"{Path(root) / cowley.MODELS_DIR}: no digital twins of session {s} (sessions with twins: {', '.join(have) or 'none'})")
-        files.update((twin_id(str(s), k), p) for k, p in found.items())
+        files.update((cowley.site_id(str(s), k), p) for k, p in found.items())
     wanted = [str(t) for t in twins]
     unknown = [t for t in wanted if t not in files]
     if unknown:
