@@ -573,10 +573,12 @@ def _natural_starts(cfg: Config, site_ids: np.ndarray, x_nat: torch.Tensor, pred
         views = start_views(cfg.stimuli.start_zooms, cfg.stimuli.start_flips)
 
         def search(jobs):
+            t0 = time.perf_counter()
             src, view, images = search_natural_starts(
                 jobs, pred_nat, lambda x: predict(model, x, device=device), x_nat, site_ids=site_ids, views=views,
                 candidates=cfg.stimuli.start_candidates, aliases=cfg.synthesis.objectives,
             )
+            log.info("start views chosen for %d images in %.1f s", len(jobs), time.perf_counter() - t0)
             return images, {"start_stimulus_id": ids[src], "start_view": np.array([views[int(v)].label() for v in view])}
 
         log.info(

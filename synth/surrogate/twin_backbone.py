@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 #: Layers whose outputs are 28 x 28 (concatenable).
 TWIN_LAYERS = (2, 3, 4)
 DEFAULT_TWIN_LAYERS = "layers2-4"
+#: Images per block of :class:`TwinFeatures` on a CPU (measured in its docstring).
+CPU_BLOCK = 8
 
 
 def parse_twin_layers(layer: str | None) -> tuple[int, ...]:
@@ -74,14 +76,21 @@ class TwinFeatures(nn.Module):
         states: compact-model state dicts (one per twin).
         layers: twin layer indices to concatenate (from ``TWIN_LAYERS``).
         ids: one name per twin (default ``twin0``, ``twin1``...).
+        block: images per block (default: 8 on CPU, where small blocks keep the
+            full-resolution layer-0 maps of every twin near the cache: 2.5-3 times faster
+            forward than 64 images at once, and 1.7 times faster forward and backward
+            than 16; the whole batch on a GPU).
 
     Shape:
         - Input: ``(N, 3, 112, 112)``, the twins' input (0..255 minus channel means).
         - Output: ``(N, C, 28, 28)``, C = the twins' channels in ``layers``, summed.
     """
 
-    def __init__(self, states: Sequence[dict[str, torch.Tensor]], layers: Sequence[int], ids: Sequence[str] | None = None) -> None:
+    def __init__(self, states: Sequence[dict[str, torch.Tensor]], layers: Sequence[int], ids: Sequence[str] | None = None, block: int | None = None) -> None:
         super().__init__()
+        if block is not None and block < 1:
+            raise ValueError(f"block must be >= 1 image, got {block}")
+        self.block = block
         from synth.populations.twins import FoldedTwin, channel_counts
 
         if not states:
@@ -107,10 +116,16 @@ class TwinFeatures(nn.Module):
         return int(self.feature_scale.numel())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from synth.populations.twins import pad_input
-
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"expected the twins' input (N, 3, H, W), got shape {tuple(x.shape)}")
+        block = self.block or (CPU_BLOCK if x.device.type == "cpu" else x.shape[0])
+        if x.shape[0] > block:
+            return torch.cat([self._features(b) for b in x.split(block)])
+        return self._features(x)
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        from synth.populations.twins import pad_input
+
         xp = pad_input(x)
         upto = max(self.layers)
         parts = []

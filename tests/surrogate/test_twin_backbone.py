@@ -255,6 +255,31 @@ def test_max_twins_needs_the_twin_backbone_and_a_factorized_readout():
 def test_twin_features_need_twins():
     with pytest.raises(ValueError, match="at least one twin"):
         TwinFeatures([], (2, 3, 4))
+    with pytest.raises(ValueError, match="block must be >= 1 image, got 0"):
+        TwinFeatures([random_twin_state(COUNTS, 0, unit_bn=True)], (2, 3, 4), block=0)
+
+
+def test_blocks_give_the_whole_batch_features_and_gradients(root, monkeypatch):
+    """On a CPU the twins see small blocks of images (speed); the features and the image
+    gradients are those of the whole batch at once, the last, shorter block included."""
+    bb = _backbone(root).eval()
+    body = bb.body
+    assert isinstance(body, TwinFeatures) and body.block is None  # the CPU default, CPU_BLOCK
+    x = _images(5, seed=3)
+    out = {}
+    for block in (5, 2):
+        body.block = block
+        seen = []
+        real = TwinFeatures._features
+        monkeypatch.setattr(TwinFeatures, "_features", lambda self, xb: seen.append(xb.shape[0]) or real(self, xb))
+        xi = x.clone().requires_grad_(True)
+        f = bb(xi)
+        (f * torch.linspace(-1, 1, f.numel()).view_as(f)).sum().backward()
+        out[block] = (f.detach(), xi.grad)
+        monkeypatch.setattr(TwinFeatures, "_features", real)
+        assert seen == ([5] if block == 5 else [2, 2, 1])
+    torch.testing.assert_close(out[2][0], out[5][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[2][1], out[5][1], rtol=1e-4, atol=1e-6)
 
 
 @requires_cowley
