@@ -127,6 +127,8 @@ class TwinFeatures(nn.Module):
         from synth.populations.twins import pad_input
 
         xp = pad_input(x)
+        if xp.device.type == "cpu" and xp.dtype == torch.float32:
+            xp = xp.contiguous(memory_format=torch.channels_last)  # as the recorder does: forward 1.3x faster (docs/cowley2023.md)
         upto = max(self.layers)
         parts = []
         for twin in self.twins:
