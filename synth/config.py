@@ -65,7 +65,16 @@ class StimuliSection:
     stretch: bool = field(default=True, metadata={"help": "one stretch image per target site and seed"})
     one_hot: bool = field(default=True, metadata={"help": "one one-hot population image per target site and seed"})
     sites: tuple[str, ...] | None = field(default=None, metadata={"help": "target site ids (default: all sites)"})
-    seeds_per_target: int = field(default=1, metadata={"min": 1, "max": 1000})
+    seeds_per_target: int = field(default=1, metadata={"min": 1, "max": 1000, "help": "images per target site and objective in the stimulus set"})
+    candidates_per_target: int | None = field(
+        default=None,
+        metadata={
+            "min": 1,
+            "max": 1000,
+            "help": "images synthesized per target and objective when more than seeds_per_target: fit.judge rates them "
+            "and the best seeds_per_target are kept (null: seeds_per_target, no choice)",
+        },
+    )
     batch_size: int = field(default=64, metadata={"min": 1, "help": "images per synthesis batch (one checkpoint each)"})
     held_out_surrogate: bool = field(
         default=False, metadata={"help": "fit a second surrogate on another split and report its predictions too"}
@@ -108,6 +117,11 @@ class StimuliSection:
             raise ConfigError("start_zooms / start_flips choose views of natural starts; set start: natural", key="start_zooms")
         if self.searches_views and self.start_rank_by != "surrogate":
             raise ConfigError("views of natural images have no recorded responses to rank them by; set start_rank_by: surrogate", key="start_zooms")
+
+    @property
+    def n_candidates(self) -> int:
+        """Images synthesized per (objective, target): ``candidates_per_target`` or ``seeds_per_target``."""
+        return self.seeds_per_target if self.candidates_per_target is None else self.candidates_per_target
 
     @property
     def searches_views(self) -> bool:
@@ -153,6 +167,17 @@ class Config:
             raise ConfigError(f"unknown device '{self.device}'; expected auto, cpu, cuda or cuda:N", key="device")
         if not re.match(r"^[A-Za-z0-9_.-]+$", self.name):
             raise ConfigError(f"expected letters, digits, '_', '-', '.' only, got {self.name!r}", key="name")
+        n, keep = self.stimuli.n_candidates, self.stimuli.seeds_per_target
+        if n < keep:
+            raise ConfigError(f"expected at least seeds_per_target ({keep}) candidates, got {n}", key="stimuli.candidates_per_target")
+        if n > keep and self.fit.judge is None:
+            raise ConfigError(
+                f"{n} candidates per target for {keep} kept need fit.judge, the surrogate that rates them", key="stimuli.candidates_per_target"
+            )
+        if self.fit.judge is not None and n == keep:
+            raise ConfigError(
+                f"fit.judge rates candidates, but stimuli.candidates_per_target ({n}) is not above seeds_per_target ({keep})", key="fit.judge"
+            )
 
 
 def read_yaml(path: str | os.PathLike) -> Any:

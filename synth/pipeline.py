@@ -171,7 +171,11 @@ def run_pipeline(cfg: Config, *, config_path: str | None = None, out: str | None
     with timer("record"):
         target = load_target(cfg, config_dir)
         nat, splits = load_natural(cfg, target)
-        fits = [resolve_twin_backbone(f, target) for f in cfg.fit.members()]  # the surrogate's recipe, then any ensemble members'
+        recipes = list(cfg.fit.members())  # the surrogate's recipe, then any ensemble members', then any judge
+        n_members = len(recipes)
+        if cfg.fit.judge is not None:
+            recipes.append(cfg.fit.judge_recipe())
+        fits = [resolve_twin_backbone(f, target) for f in recipes]
         core_plans = [plan_core_stage(cfg, target, fit) for fit in fits]
         recorder = target.recorder(device=device)
 
@@ -197,14 +201,19 @@ def run_pipeline(cfg: Config, *, config_path: str | None = None, out: str | None
         if any(p is not None for p in core_plans):
             fits, core_reports = _core_stage(fits, core_plans, device, timer)
             provenance["core"] = core_reports[0]
-            if len(fits) > 1:
-                provenance["ensemble_cores"] = core_reports[1:]
+            if n_members > 1:
+                provenance["ensemble_cores"] = core_reports[1:n_members]
+            if len(fits) > n_members:
+                provenance["judge_core"] = core_reports[n_members]
             _save_json(run.path("provenance.json"), provenance)
-        report = _run_stages(cfg, fits, run, target, nat, splits, recorder, device, timer)
+        judge_fit = fits[n_members] if len(fits) > n_members else None
+        report = _run_stages(cfg, fits[:n_members], run, target, nat, splits, recorder, device, timer, judge_fit=judge_fit)
         if core_reports[0] is not None:
             report["core"] = core_reports[0]
-        if len(fits) > 1 and any(r is not None for r in core_reports[1:]):
-            report["ensemble_cores"] = core_reports[1:]
+        if n_members > 1 and any(r is not None for r in core_reports[1:n_members]):
+            report["ensemble_cores"] = core_reports[1:n_members]
+        if judge_fit is not None and core_reports[n_members] is not None:
+            report["judge_core"] = core_reports[n_members]
         report["timing"] = timer.seconds
         report["device"] = str(device)
         _save_json(run.path("report.json"), report)
@@ -333,6 +342,10 @@ def member_files(i: int, suffix: str = "") -> tuple[str, str, str]:
     return f"surrogate{stem}{suffix}.pt", f"fit{stem}{suffix}.json", f"fit{stem}{suffix}"
 
 
+#: checkpoint, fit report and fit seed name of the judge (``fit.judge``) in a run folder
+JUDGE_FILES = ("surrogate_judge.pt", "fit_judge.json", "fit_judge")
+
+
 def synthesizing_surrogates(cfg: Config) -> list[str]:
     """Checkpoint names of the surrogates a run synthesized with (refitted ones with ``fit.refit: all``)."""
     suffix = "_all" if cfg.fit.refit == "all" else ""
@@ -345,10 +358,12 @@ def _split_fractions(cfg: Config) -> dict[str, float]:
 
 
 def _run_stages(
-    cfg: Config, fits: list, run: RunDir, target: Target, nat: NaturalData, splits: Splits, recorder, device: torch.device, timer: Timer
+    cfg: Config, fits: list, run: RunDir, target: Target, nat: NaturalData, splits: Splits, recorder, device: torch.device, timer: Timer,
+    judge_fit=None,
 ) -> dict[str, Any]:
     """fit -> synthesize -> follow-up -> validate. ``fits``: the surrogate's recipe (with
-    its core resolved), then any ensemble members' (their predictions are averaged)."""
+    its core resolved), then any ensemble members' (their predictions are averaged);
+    ``judge_fit``: the judge's recipe (``fit.judge``), which rates the candidates only."""
     from synth.surrogate.fit import predict
     from synth.surrogate.model import SurrogateEnsemble
 
@@ -381,6 +396,13 @@ def _run_stages(
                 "note": "the surrogate used for synthesis and in natural.npz / stimuli.npz; median_r_test is the split surrogate's (this one saw the test images)",
             }
         np.savez(run.path("natural.npz"), stimulus_id=nat.stimulus_id, site_id=site_ids, predicted=pred_nat)
+        judge = None
+        if judge_fit is not None:
+            log.info("judge: a surrogate that rates the candidates and never synthesizes")
+            judge_model, judge_info = _fit_checkpointed(
+                cfg, judge_fit, run, x, y, splits.train, splits.val, site_ids, device, *JUDGE_FILES
+            )
+            judge = (judge_model, predict(judge_model, x, device=device), judge_info)
     fit_report: dict[str, Any] = {
         "median_r_test": median_r,
         "n_sites": int(site_ids.size),
@@ -392,6 +414,8 @@ def _run_stages(
     }
     if refit_report is not None:
         fit_report["refit"] = refit_report
+    if judge is not None:
+        fit_report["judge"] = {"median_r_test": _median_r(judge[1][splits.test], test_rec)[0], "details": judge[2]}
     if len(members) > 1:
         fit_report["ensemble"] = [
             {"median_r_test": _median_r(predict(m, x[splits.test], device=device), test_rec)[0], "details": info}
@@ -410,9 +434,11 @@ def _run_stages(
     # ---- synthesize
     with timer("synthesize"):
         starts = _natural_starts(cfg, site_ids, x, pred_nat, y.numpy(), nat.stimulus_id, model=model, device=device)
-        stim_dir, guard = _synthesize_stage(cfg, run, model, site_ids, x, pred_nat, device, held_out, starts)
+        stim_dir, guard, choice = _synthesize_stage(cfg, run, model, site_ids, x, pred_nat, device, held_out, starts, judge=judge)
 
     report: dict[str, Any] = {"fit": fit_report}
+    if choice is not None:
+        report["choice"] = choice
     if guard is not None:
         report["ensemble_guard"] = guard
     if recorder is None:
@@ -606,9 +632,15 @@ def _natural_starts(cfg: Config, site_ids: np.ndarray, x_nat: torch.Tensor, pred
 
 def _synthesize_stage(
     cfg: Config, run: RunDir, model, site_ids: np.ndarray, x_nat: torch.Tensor, pred_nat: np.ndarray, device: torch.device, held_out=None,
-    starts=None,
-) -> tuple[Path, dict[str, Any] | None]:
+    starts=None, judge=None,
+) -> tuple[Path, dict[str, Any] | None, dict[str, Any] | None]:
     """Synthesize all jobs in checkpointed batches, then write the stimulus set.
+
+    With a ``judge`` (``(model, natural predictions, fit info)``), each (objective, target)
+    gets ``stimuli.candidates_per_target`` images; the judge scores the saved images as the
+    validation will score the recording (:func:`synth.synthesis.scoring.candidate_scores`)
+    and the best ``stimuli.seeds_per_target`` are kept (their judge predictions in the
+    manifest and ``stimuli.npz``); the third value returned summarizes the choice.
 
     With a held-out surrogate, every saved image is also scored by it (the ensemble
     guard): its predictions and a ``models_agree`` flag go into the manifest and
@@ -632,7 +664,7 @@ def _synthesize_stage(
         if not on:
             continue
         for s in sites:
-            for k in range(cfg.stimuli.seeds_per_target):
+            for k in range(cfg.stimuli.n_candidates):
                 sid = f"{kind}_{s}_s{k}"
                 jobs.append(Job(stimulus_id=sid, objective=kind, target_site=index[s], seed=derive_seed(cfg.seed, "synth", sid)))
     rf = None
@@ -688,6 +720,9 @@ def _synthesize_stage(
         "objective_value": merged["objective_value"],
     }
     extra.update(start_cols)
+    choice = None
+    if judge is not None:
+        jobs, images_u8, predicted, extra, choice = _choose(cfg, judge, jobs, images_u8, predicted, extra, device)
     guard = None
     if held_out is not None:
         from synth.synthesis.scoring import ensemble_guard
@@ -704,7 +739,33 @@ def _synthesize_stage(
         log.info("ensemble guard: the held-out surrogate agrees on %d of %d images", int(agree.sum()), agree.size)
     stim_dir = run.work
     write_stimulus_set(stim_dir, images_u8, jobs, site_ids, predicted, extra=extra)
-    return stim_dir, guard
+    return stim_dir, guard, choice
+
+
+def _choose(cfg: Config, judge, jobs: list, images_u8: np.ndarray, predicted: np.ndarray, extra: dict[str, np.ndarray], device: torch.device):
+    """Keep each (objective, target)'s ``stimuli.seeds_per_target`` candidates the judge scores best."""
+    from synth.synthesis.scoring import candidate_scores, choose_candidates, score_with
+
+    model, natural, _ = judge
+    t0 = time.perf_counter()
+    judged = score_with(model, images_u8, device=device)
+    objectives, targets = [j.objective for j in jobs], np.array([j.target_site for j in jobs])
+    scores = candidate_scores(objectives, targets, judged, natural)
+    keep = choose_candidates(objectives, targets, scores, cfg.stimuli.seeds_per_target)
+    kept = set(keep.tolist())
+    choice = {
+        "candidates_per_target": cfg.stimuli.n_candidates,
+        "kept_per_target": cfg.stimuli.seeds_per_target,
+        "n_candidates": len(jobs),
+        "n_kept": int(keep.size),
+        "scores": {j.stimulus_id: float(v) for j, v in zip(jobs, scores)},
+        "dropped_stimulus_ids": [j.stimulus_id for i, j in enumerate(jobs) if i not in kept],
+    }
+    log.info("judge kept %d of %d candidates (%d per target) in %.1f s", keep.size, len(jobs), cfg.stimuli.seeds_per_target, time.perf_counter() - t0)
+    extra = {k: np.asarray(v)[keep] for k, v in extra.items()}
+    extra["judge_predicted"] = judged[keep]
+    extra["judge_score"] = scores[keep]
+    return [jobs[i] for i in keep], images_u8[keep], predicted[keep], extra, choice
 
 
 def _save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:

@@ -619,6 +619,67 @@ def test_held_out_surrogate_scores_every_saved_image(tmp_path, capsys):
     assert -1 <= report["fit"]["held_out_median_r_test"] <= 1
 
 
+def test_judge_keeps_the_candidates_it_scores_best(tmp_path, capsys):
+    """fit.judge + stimuli.candidates_per_target: three candidates per target are
+    synthesized by the surrogate alone; the judge's best one of each is the stimulus set."""
+    from synth.data.stimuli import read_stimulus_set
+    from synth.surrogate import Surrogate, predict
+    from synth.synthesis.scoring import candidate_scores
+
+    cfg = write_cfg(tmp_path / "judge.yaml", fit__judge={"backbone_kwargs": {"channels": 6}, "epochs": 3},
+                    stimuli__candidates_per_target=3, stimuli__seeds_per_target=1)
+    out = tmp_path / "judge_run"
+    code, _, err = run_cli(["run", cfg, "--out", out, "--quiet"], capsys)
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    choice, sites = report["choice"], report["fit"]["n_sites"]
+    assert (choice["n_candidates"], choice["n_kept"]) == (2 * 3 * sites, 2 * sites)  # stretch and one-hot, every site
+    assert -1 <= report["fit"]["judge"]["median_r_test"] <= 1 and (out / "fit_judge.json").exists()
+    stim = read_stimulus_set(out)
+    judge, surrogate = Surrogate.load(out / "surrogate_judge.pt"), Surrogate.load(out / "surrogate.pt")
+    assert judge.backbone.build_spec != surrogate.backbone.build_spec
+    with np.load(out / "stimuli.npz") as z:
+        assert list(z["stimulus_id"]) == list(stim.stimulus_id)
+        pred, judged = z["predicted"], z["judge_predicted"]
+    assert np.allclose(pred, predict(surrogate, stim.images), rtol=1e-4, atol=1e-5)  # the surrogate synthesized
+    assert np.allclose(judged, predict(judge, stim.images), rtol=1e-4, atol=1e-5)  # the judge rated
+    import csv
+
+    rows = list(csv.DictReader(open(out / "manifest.csv")))
+    with np.load(out / "natural.npz") as z:
+        site_ids = [str(s) for s in z["site_id"]]
+    scores = choice["scores"]
+    for r in rows:  # each kept image is its group's best by the judge, and its score is the judge's
+        kept = r["stimulus_id"]
+        rivals = [f"{r['objective']}_{r['target_site']}_s{k}" for k in range(3)]
+        assert kept in rivals and scores[kept] == max(scores[s] for s in rivals)
+        assert float(r["judge_score"]) == pytest.approx(scores[kept], rel=1e-5)
+        assert sum(s in choice["dropped_stimulus_ids"] for s in rivals) == 2
+    assert any(not r["stimulus_id"].endswith("_s0") for r in rows)  # the choice is not always the first seed
+    from synth.config import load_config
+    from synth.pipeline import load_natural, load_target
+
+    run_cfg = load_config(out / "config.resolved.yaml")  # the judge's scores again, from its natural predictions
+    nat, _ = load_natural(run_cfg, load_target(run_cfg))
+    again = candidate_scores([r["objective"] for r in rows], np.array([site_ids.index(r["target_site"]) for r in rows]),
+                             judged, predict(judge, nat.images))
+    assert np.allclose(again, [float(r["judge_score"]) for r in rows], rtol=1e-4, atol=1e-6)
+
+
+def test_candidates_need_a_judge_and_a_judge_needs_candidates(tmp_path, capsys):
+    for changes, needles in [
+        ({"stimuli__candidates_per_target": 3}, ("stimuli.candidates_per_target", "need fit.judge")),
+        ({"stimuli__candidates_per_target": 1, "stimuli__seeds_per_target": 2}, ("stimuli.candidates_per_target", "at least seeds_per_target (2)")),
+        ({"fit__judge": {"epochs": 3}}, ("fit.judge", "not above seeds_per_target")),
+        ({"fit__judge": {"split": {"train": 0.5}}, "stimuli__candidates_per_target": 2}, ("fit.judge.split", "set fit.split instead")),
+        ({"fit__judge": [1], "stimuli__candidates_per_target": 2}, ("fit.judge", "expected a mapping")),
+    ]:
+        cfg = write_cfg(tmp_path / "bad_judge.yaml", **changes)
+        code, _, err = run_cli(["run", cfg, "--out", tmp_path / "never", "--quiet"], capsys)
+        assert_one_line_error(code, err, "bad_judge.yaml", *needles)
+        assert not (tmp_path / "never").exists()
+
+
 def test_ensemble_surrogate_averages_its_members(tmp_path, capsys):
     """fit.ensemble: a second recipe is fitted too; synthesis and predictions use the mean."""
     cfg = write_cfg(tmp_path / "ens.yaml", fit__ensemble=[{"backbone_kwargs": {"channels": 6}, "epochs": 3}], stimuli__one_hot=False)

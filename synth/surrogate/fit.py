@@ -125,6 +125,14 @@ class FitConfig:
             "each a partial fit section overriding this one's keys, e.g. {core: {input_size: 64}}"
         },
     )
+    judge: dict[str, Any] | None = field(
+        default=None,
+        metadata={
+            "help": "a surrogate that never synthesizes: it rates the stimuli.candidates_per_target candidates of each "
+            "target and the best stimuli.seeds_per_target are kept; a partial fit section overriding this one's keys, "
+            "as an ensemble entry"
+        },
+    )
 
     def __post_init__(self) -> None:
         auto = self.weights.strip().lower() == "auto"
@@ -172,6 +180,7 @@ class FitConfig:
             )
 
         self.members()  # validates every ensemble member now, with its key path
+        self.judge_recipe()
 
     def members(self) -> tuple["FitConfig", ...]:
         """This surrogate's recipe, then one per ``ensemble`` entry (each deep-merged over it).
@@ -180,12 +189,13 @@ class FitConfig:
             ConfigError: naming ``ensemble[i].<key>`` for a bad member.
         """
         if not self.ensemble:
-            return (self,)
+            return (self if self.judge is None else dataclasses.replace(self, judge=None),)
         from synth.configtools import deep_merge, from_dict, to_dict
 
         base = to_dict(self)
         base.pop("ensemble", None)
-        out = [dataclasses.replace(self, ensemble=())]
+        base.pop("judge", None)
+        out = [dataclasses.replace(self, ensemble=(), judge=None)]
         for i, override in enumerate(self.ensemble):
             if "ensemble" in override:
                 raise ConfigError("ensemble members cannot have ensembles of their own", key=f"ensemble[{i}].ensemble")
@@ -194,6 +204,26 @@ class FitConfig:
                     raise ConfigError(f"every ensemble member is fitted on the same images (set fit.{key} instead)", key=f"ensemble[{i}].{key}")
             out.append(from_dict(FitConfig, deep_merge(base, override), key=f"ensemble[{i}]"))
         return tuple(out)
+
+    def judge_recipe(self) -> "FitConfig | None":
+        """The judge's recipe (``judge`` deep-merged over this section), or None.
+
+        Raises:
+            ConfigError: naming ``judge.<key>`` for a bad recipe.
+        """
+        if self.judge is None:
+            return None
+        from synth.configtools import deep_merge, from_dict, to_dict
+
+        if not isinstance(self.judge, Mapping):
+            raise ConfigError(f"expected a partial fit section (a mapping), got {self.judge!r}", key="judge")
+        for key in ("ensemble", "judge", "split", "refit"):
+            if key in self.judge:
+                raise ConfigError(f"the judge is one surrogate fitted on the surrogate's images (set fit.{key} instead)", key=f"judge.{key}")
+        base = to_dict(self)
+        base.pop("ensemble", None)
+        base.pop("judge", None)
+        return from_dict(FitConfig, deep_merge(base, self.judge), key="judge")
 
     @property
     def trains_backbone(self) -> bool:

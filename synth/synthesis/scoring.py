@@ -149,3 +149,64 @@ def ensemble_guard(
         "held_out_target_z": z_held,
         "models_agree": agree.astype(np.int64),
     }
+
+
+def candidate_scores(objectives, target_index: np.ndarray, predicted: np.ndarray, natural_predicted: np.ndarray) -> np.ndarray:
+    """Each image's score on its own objective, as the validation scores a recording.
+
+    ``stretch``: the predicted response of the target site. ``one_hot``: the target's share
+    of the softmax over sites of the z-scored predictions, z-scored by the same model's
+    predictions of the natural images (``synth.validation.control.one_hot_scores``).
+
+    Args:
+        objectives: ``(N,)`` ``"stretch"`` or ``"one_hot"`` per image.
+        target_index: ``(N,)`` target site index of each image.
+        predicted: ``(N, S)`` a model's predictions to the images.
+        natural_predicted: ``(M, S)`` the same model's predictions to the natural images.
+
+    Returns:
+        ``(N,)`` scores (higher is better within an objective and target).
+
+    Example:
+        >>> candidate_scores(["stretch"], np.array([1]), np.array([[0.5, 2.0]]), np.ones((3, 2)))
+        array([2.])
+    """
+    from synth.validation.control import one_hot_scores
+
+    objectives = [str(o) for o in objectives]
+    target_index = np.asarray(target_index, dtype=np.int64)
+    predicted = np.asarray(predicted, dtype=np.float64)
+    if predicted.ndim != 2 or predicted.shape[0] != len(objectives) or target_index.shape != (len(objectives),):
+        raise ValueError(f"expected (N, S) predictions and (N,) objectives and targets, got {predicted.shape}, {len(objectives)}, {target_index.shape}")
+    unknown = sorted(set(objectives) - {"stretch", "one_hot"})
+    if unknown:
+        raise ValueError(f"unknown objective {unknown[0]!r}; expected stretch or one_hot")
+    rows = np.arange(len(objectives))
+    out = predicted[rows, target_index]
+    if "one_hot" in objectives:
+        soft = one_hot_scores(np.asarray(natural_predicted, dtype=np.float64).T, predicted.T)[1]  # (S, N)
+        oh = np.array([o == "one_hot" for o in objectives])
+        out = np.where(oh, soft[target_index, rows], out)
+    return out
+
+
+def choose_candidates(objectives, target_index: np.ndarray, scores: np.ndarray, keep: int) -> np.ndarray:
+    """Indices of the ``keep`` best-scoring images of each (objective, target), in input order.
+
+    Ties go to the earlier image (a lower seed).
+
+    Example:
+        >>> choose_candidates(["stretch"] * 3, np.zeros(3, int), np.array([1.0, 3.0, 2.0]), keep=2)
+        array([1, 2])
+    """
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    scores = np.asarray(scores, dtype=np.float64)
+    groups: dict[tuple[str, int], list[int]] = {}
+    for i, (o, t) in enumerate(zip(objectives, np.asarray(target_index).tolist())):
+        groups.setdefault((str(o), int(t)), []).append(i)
+    kept = []
+    for idx in groups.values():
+        order = np.argsort(-np.nan_to_num(scores[idx], nan=-np.inf), kind="stable")
+        kept.extend(np.asarray(idx)[order[:keep]].tolist())
+    return np.asarray(sorted(kept), dtype=np.int64)

@@ -87,3 +87,34 @@ def test_ensemble_guard_z_scores_as_the_synthesis_objective_does():
     assert abs(out["target_z"][1] - 2.0 / 1e-6) < 1.0  # not 2 / 1e-9
     with pytest.raises(ValueError, match="at least one image"):
         ensemble_guard(m, imgs, np.array([0, 1]), pred, nat[:0], nat)
+
+
+def test_candidate_scores_are_the_validation_scores_of_the_predictions():
+    from synth.synthesis.scoring import candidate_scores
+    from synth.validation.control import one_hot_scores
+
+    rng = np.random.default_rng(0)
+    nat, pred = rng.gamma(2.0, 1.0, (40, 4)), rng.gamma(2.0, 1.0, (5, 4))
+    objectives, targets = ["stretch", "one_hot", "one_hot", "stretch", "one_hot"], np.array([0, 1, 3, 2, 0])
+    got = candidate_scores(objectives, targets, pred, nat)
+    soft = one_hot_scores(nat.T, pred.T)[1]
+    want = [pred[i, t] if o == "stretch" else soft[t, i] for i, (o, t) in enumerate(zip(objectives, targets))]
+    assert np.allclose(got, want)
+    assert 0 < got[1] < 1 and got[0] == pred[0, 0]
+    with pytest.raises(ValueError, match="unknown objective 'other'"):
+        candidate_scores(["other"], np.array([0]), pred[:1], nat)
+    with pytest.raises(ValueError, match="expected"):
+        candidate_scores(objectives, targets[:2], pred, nat)
+
+
+def test_choose_candidates_keeps_the_best_of_each_objective_and_target():
+    from synth.synthesis.scoring import choose_candidates
+
+    objectives = ["stretch"] * 3 + ["one_hot"] * 3 + ["stretch"] * 3
+    targets = np.array([0, 0, 0, 0, 0, 0, 1, 1, 1])
+    scores = np.array([1.0, 3.0, 2.0, 0.1, 0.1, 0.5, np.nan, 7.0, 7.0])
+    assert choose_candidates(objectives, targets, scores, keep=1).tolist() == [1, 5, 7]  # ties: the earlier image
+    assert choose_candidates(objectives, targets, scores, keep=2).tolist() == [1, 2, 3, 5, 7, 8]  # NaN scores last
+    assert choose_candidates(objectives, targets, scores, keep=5).tolist() == list(range(9))
+    with pytest.raises(ValueError, match="keep must be >= 1"):
+        choose_candidates(objectives, targets, scores, keep=0)
