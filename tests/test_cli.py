@@ -673,6 +673,7 @@ def test_candidates_need_a_judge_and_a_judge_needs_candidates(tmp_path, capsys):
         ({"fit__judge": {"epochs": 3}}, ("fit.judge", "not above seeds_per_target")),
         ({"fit__judge": {"split": {"train": 0.5}}, "stimuli__candidates_per_target": 2}, ("fit.judge.split", "set fit.split instead")),
         ({"fit__judge": [1], "stimuli__candidates_per_target": 2}, ("fit.judge", "expected a mapping")),
+        ({"fit__ensemble": [{"judge": {"epochs": 3}}]}, ("fit.ensemble[0].judge", "set fit.judge instead")),
     ]:
         cfg = write_cfg(tmp_path / "bad_judge.yaml", **changes)
         code, _, err = run_cli(["run", cfg, "--out", tmp_path / "never", "--quiet"], capsys)

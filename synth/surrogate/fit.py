@@ -190,19 +190,16 @@ class FitConfig:
         """
         if not self.ensemble:
             return (self if self.judge is None else dataclasses.replace(self, judge=None),)
-        from synth.configtools import deep_merge, from_dict, to_dict
-
-        base = to_dict(self)
-        base.pop("ensemble", None)
-        base.pop("judge", None)
         out = [dataclasses.replace(self, ensemble=(), judge=None)]
         for i, override in enumerate(self.ensemble):
             if "ensemble" in override:
                 raise ConfigError("ensemble members cannot have ensembles of their own", key=f"ensemble[{i}].ensemble")
+            if "judge" in override:
+                raise ConfigError("the judge rates the whole ensemble's candidates (set fit.judge instead)", key=f"ensemble[{i}].judge")
             for key in ("split", "refit"):
                 if key in override:
                     raise ConfigError(f"every ensemble member is fitted on the same images (set fit.{key} instead)", key=f"ensemble[{i}].{key}")
-            out.append(from_dict(FitConfig, deep_merge(base, override), key=f"ensemble[{i}]"))
+            out.append(self._merged(override, f"ensemble[{i}]"))
         return tuple(out)
 
     def judge_recipe(self) -> "FitConfig | None":
@@ -213,17 +210,21 @@ class FitConfig:
         """
         if self.judge is None:
             return None
-        from synth.configtools import deep_merge, from_dict, to_dict
-
         if not isinstance(self.judge, Mapping):
             raise ConfigError(f"expected a partial fit section (a mapping), got {self.judge!r}", key="judge")
         for key in ("ensemble", "judge", "split", "refit"):
             if key in self.judge:
                 raise ConfigError(f"the judge is one surrogate fitted on the surrogate's images (set fit.{key} instead)", key=f"judge.{key}")
+        return self._merged(self.judge, "judge")
+
+    def _merged(self, override: Mapping[str, Any], key: str) -> "FitConfig":
+        """A partial fit section ``override`` deep-merged over this recipe (without its ensemble and judge)."""
+        from synth.configtools import deep_merge, from_dict, to_dict
+
         base = to_dict(self)
         base.pop("ensemble", None)
         base.pop("judge", None)
-        return from_dict(FitConfig, deep_merge(base, self.judge), key="judge")
+        return from_dict(FitConfig, deep_merge(base, override), key=key)
 
     @property
     def trains_backbone(self) -> bool:
