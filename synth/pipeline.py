@@ -706,9 +706,6 @@ def _synthesize_stage(
     merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     assert list(merged["stimulus_id"]) == [j.stimulus_id for j in jobs]
     images_u8 = merged["images"]
-    # Predictions from the 8-bit images exactly as saved (PNG is lossless).
-    x_saved = torch.as_tensor(images_u8).permute(0, 3, 1, 2).float() / 255.0
-    predicted = predict(model, x_saved, device=device)
     history = {k[len("history_"):]: v for k, v in merged.items() if k.startswith("history_")}
     if history:
         # loss, objective and target response per image and step (NaN after an image stopped)
@@ -722,7 +719,10 @@ def _synthesize_stage(
     extra.update(start_cols)
     choice = None
     if judge is not None:
-        jobs, images_u8, predicted, extra, choice = _choose(cfg, judge, jobs, images_u8, predicted, extra, device)
+        jobs, images_u8, extra, choice = _choose(cfg, judge, jobs, images_u8, extra, device)
+    # Predictions from the 8-bit images exactly as saved (PNG is lossless), of the kept images only.
+    x_saved = torch.as_tensor(images_u8).permute(0, 3, 1, 2).float() / 255.0
+    predicted = predict(model, x_saved, device=device)
     guard = None
     if held_out is not None:
         from synth.synthesis.scoring import ensemble_guard
@@ -742,7 +742,7 @@ def _synthesize_stage(
     return stim_dir, guard, choice
 
 
-def _choose(cfg: Config, judge, jobs: list, images_u8: np.ndarray, predicted: np.ndarray, extra: dict[str, np.ndarray], device: torch.device):
+def _choose(cfg: Config, judge, jobs: list, images_u8: np.ndarray, extra: dict[str, np.ndarray], device: torch.device):
     """Keep each (objective, target)'s ``stimuli.seeds_per_target`` candidates the judge scores best."""
     from synth.synthesis.scoring import candidate_scores, choose_candidates, score_with
 
@@ -765,7 +765,7 @@ def _choose(cfg: Config, judge, jobs: list, images_u8: np.ndarray, predicted: np
     extra = {k: np.asarray(v)[keep] for k, v in extra.items()}
     extra["judge_predicted"] = judged[keep]
     extra["judge_score"] = scores[keep]
-    return [jobs[i] for i in keep], images_u8[keep], predicted[keep], extra, choice
+    return [jobs[i] for i in keep], images_u8[keep], extra, choice
 
 
 def _save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
