@@ -75,6 +75,23 @@ class Adam(StepRule):
         self.eps = float(eps)
         self.m = torch.zeros_like(params)
         self.v = torch.zeros_like(params)
+        self._tables: dict[float, torch.Tensor] = {}
+
+    def _correction(self, beta: float, t: torch.Tensor) -> torch.Tensor:
+        """``1 - beta**t`` (float64) looked up by step count.
+
+        ``beta ** tensor`` is computed by a vectorized kernel that, on CPU, rounds
+        differently with the tensor's length (0.99 ** 30 differs in the last bit between
+        16 rows and 11), so an image's update would depend on how many images share its
+        chunk; a table of Python floats does not.
+        """
+        table = self._tables.get(beta)
+        need = int(t.max()) + 1 if t.numel() else 1
+        if table is None or table.shape[0] < need:
+            n = max(need, 2 * (0 if table is None else table.shape[0]), 256)
+            table = torch.tensor([1.0 - beta**k for k in range(n)], dtype=torch.float64, device=t.device)
+            self._tables[beta] = table
+        return table[t]
 
     def _delta(self, rows: torch.Tensor | slice, g: torch.Tensor) -> torch.Tensor:
         view = isinstance(rows, slice)
@@ -82,9 +99,9 @@ class Adam(StepRule):
         v = self.v[rows].mul_(self.b2).addcmul_(g, g, value=1 - self.b2)
         if not view:
             self.m[rows], self.v[rows] = m, v
-        t = self.t[rows].to(g.dtype)
-        bc1 = _bshape(1 - self.b1**t, g.ndim)
-        bc2 = _bshape(1 - self.b2**t, g.ndim)
+        t = self.t[rows]
+        bc1 = _bshape(self._correction(self.b1, t).to(g.dtype), g.ndim)
+        bc2 = _bshape(self._correction(self.b2, t).to(g.dtype), g.ndim)
         denom = (v / bc2).sqrt_().add_(self.eps)
         return (m / denom).mul_(self.lr / bc1)
 
