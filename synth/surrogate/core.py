@@ -561,6 +561,10 @@ def read_cached(plan: CorePlan) -> dict[str, Any] | None:
     return info
 
 
+def _fmt_r(r: Any) -> str:
+    return f"{float(r):.3f}" if isinstance(r, (int, float)) else "unknown"
+
+
 def ensure_core(plan: CorePlan, *, device: torch.device | str = "cpu") -> tuple[Path, dict[str, Any]]:
     """The cached core of ``plan``, trained first if it is not cached yet.
 
@@ -572,6 +576,14 @@ def ensure_core(plan: CorePlan, *, device: torch.device | str = "cpu") -> tuple[
     info = read_cached(plan)
     if info is not None:
         log.info("core: reusing cached core %s (sessions %s; twins %s)", plan.path, ", ".join(plan.sessions), ", ".join(plan.teachers) or "none")
+        if info.get("stopped_by_time_limit"):
+            # a slow or busy day's core is what this limit gives; say so at every reuse
+            log.warning(
+                "core: the cached core %s was cut short by its time limit (%s of %s epochs, mean val median r %s); "
+                "raise fit.core.max_minutes (or delete %s) to train it fully",
+                plan.path, info.get("epochs_run"), plan.config.epochs,
+                _fmt_r(info.get("mean_val_median_r")), plan.path.parent,
+            )
         return plan.path, {**info, "cache": "hit", "path": str(plan.path)}
     from synth.surrogate.fit import fit_core, save_core
 

@@ -404,20 +404,26 @@ def test_jacobian_core_records_the_cosine_per_epoch(fake_root, cache):
 
 
 @pytest.mark.parametrize("limit", [10.0, None])
-def test_core_cut_short_by_time_is_retrained_when_the_limit_is_raised(fake_root, cache, limit):
+def test_core_cut_short_by_time_is_retrained_when_the_limit_is_raised(fake_root, cache, limit, caplog):
     # a limit of 0: the first epoch runs (there is no duration to plan with yet), no more
     plan = plan_core(_cc(max_minutes=0.0, epochs=3), root=fake_root, evaluated="a1", grayscale=False, seed=0)
     _, info = ensure_core(plan)
     assert info["cache"] == "miss" and info["stopped_by_time_limit"] and info["epochs_run"] == 1
-    # same limit: the cut core is what this limit gives, reused
-    assert ensure_core(plan)[1]["cache"] == "hit"
+    # same limit: the cut core is what this limit gives, reused, with a warning at each reuse
+    with caplog.at_level("WARNING", logger="synth"):
+        assert ensure_core(plan)[1]["cache"] == "hit"
+    cut = [r.getMessage() for r in caplog.records if "cut short by its time limit" in r.getMessage()]
+    assert len(cut) == 1 and "1 of 3 epochs" in cut[0] and "fit.core.max_minutes" in cut[0]
+    caplog.clear()
     # a higher limit, or none: retrained (same key, same cache folder), then reused
     raised = plan_core(_cc(max_minutes=limit, epochs=3), root=fake_root, evaluated="a1", grayscale=False, seed=0)
     assert raised.path == plan.path
     _, info2 = ensure_core(raised)
     assert info2["cache"] == "miss" and not info2["stopped_by_time_limit"] and info2["epochs_run"] == 3
-    assert ensure_core(raised)[1]["cache"] == "hit"
-    assert ensure_core(plan)[1]["cache"] == "hit"  # a full core serves a lower limit too
+    with caplog.at_level("WARNING", logger="synth"):
+        assert ensure_core(raised)[1]["cache"] == "hit"
+        assert ensure_core(plan)[1]["cache"] == "hit"  # a full core serves a lower limit too
+    assert not [r for r in caplog.records if "cut short" in r.getMessage()]
 
 
 def test_training_guard_refuses_evaluated_session(fake_root, cache):
