@@ -47,11 +47,13 @@ class StepRule:
         self.params = params
         self.lr = float(lr)
         self.t = torch.zeros(params.shape[0], dtype=torch.long, device=params.device)
+        self.calls = 0  # step() calls so far: a bound on every row's step count, known without a device sync
 
     def step(self, rows: torch.Tensor, grads: torch.Tensor) -> None:
         """Update ``params[rows]`` with ``grads`` (len(rows), ...) of the loss."""
         r = as_rows(rows)
         self.t[r] += 1
+        self.calls += 1
         d = self._delta(r, grads.to(self.params.dtype))
         if isinstance(r, slice):
             self.params[r].sub_(d)
@@ -86,7 +88,7 @@ class Adam(StepRule):
         chunk; a table of Python floats does not.
         """
         table = self._tables.get(beta)
-        need = int(t.max()) + 1 if t.numel() else 1
+        need = self.calls + 1
         if table is None or table.shape[0] < need:
             n = max(need, 2 * (0 if table is None else table.shape[0]), 256)
             table = torch.tensor([1.0 - beta**k for k in range(n)], dtype=torch.float64, device=t.device)
