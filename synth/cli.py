@@ -135,6 +135,17 @@ def _parser() -> argparse.ArgumentParser:
                     help="override a value of the run's config (e.g. the target's trial noise)")
     br.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override the run's device")
 
+    bj = bsub.add_parser("choice", parents=[common], help="did the judge choose well among a run's candidates?",
+                         description="For a finished run with a judge (fit.judge, stimuli.candidates_per_target) and a simulated "
+                         "follow-up recorder: every candidate (checkpoints/) is scored on the recorder's expected responses as the "
+                         "validation scores a recording; prints how well the judge's scores rank each target's candidates "
+                         "(Spearman, median over targets) and the control figures, noise-free and over N fresh recordings, of four "
+                         "choices of the same number of images per target: the first ones (what the run would have shown without "
+                         "a judge), the judge's (the stimulus set), the recorder's own best (the limit of any choice) and all.")
+    bj.add_argument("run_dir", help="a finished run folder with a judge (report.json choice block, checkpoints/)")
+    bj.add_argument("--draws", type=int, default=20, metavar="N", help="fresh recordings per choice (default 20)")
+    bj.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override the run's device")
+
     d = sub.add_parser("data", parents=[common], help="data sets: download, write in a lab's layout")
     dsub = d.add_subparsers(dest="data_command", metavar="ACTION")
     dsub.required = True
@@ -260,6 +271,8 @@ def _cmd_bench(a: argparse.Namespace) -> int:
         return _bench_gradients(a, write)
     if a.bench == "redraw":
         return _bench_redraw(a, write)
+    if a.bench == "choice":
+        return _bench_choice(a, write)
     from synth.synthesis.bench import bench_synthesis
 
     bench_synthesis(device=a.device, image_size=a.image_size, n_sites=a.n_sites, steps=a.steps, seed=a.seed, write=write)
@@ -436,6 +449,68 @@ def _bench_redraw(a: argparse.Namespace, write) -> int:
         if np.isfinite(own):
             line += f"; the run's recording {own:.3f} (above {out.rank(f, float(own)):.0%} of the draws)"
         write(line)
+    return 0
+
+
+def _bench_choice(a: argparse.Namespace, write) -> int:
+    import json
+
+    import numpy as np
+    import torch
+
+    from synth.config import load_config
+    from synth.pipeline import finished_run, load_natural, load_target
+    from synth.runtime import derive_seed, resolve_device
+    from synth.synthesis.scoring import candidate_scores
+    from synth.validation.choice import SELECTIONS, judge_scores_of, read_candidates, selections, within_target_spearman
+    from synth.validation.redraw import FIGURES, redraw_figures
+
+    if a.draws < 2:
+        raise UserError(f"--draws: expected at least 2, got {a.draws}")
+    run, resolved = finished_run(a.run_dir, "manifest.csv", "report.json")
+    report = json.loads((run / "report.json").read_text())
+    choice = report.get("choice")
+    if not isinstance(choice, dict) or not isinstance(choice.get("scores"), dict):
+        raise UserError(f"{run / 'report.json'}: no 'choice' block (expected a run with fit.judge and stimuli.candidates_per_target)")
+    cfg = load_config(resolved, [])
+    device = resolve_device(a.device or cfg.device)
+    target = _in_config(lambda: load_target(cfg, str(run)), str(resolved))
+    recorder = _recorder_of(target, device)
+    if recorder is None:
+        raise UserError(f"{resolved}: target '{target.name}' records on the rig (no simulated recorder to score the candidates)")
+    site_ids = [str(s) for s in recorder.site_ids]
+    try:
+        cands = read_candidates(run, site_ids)
+        judge = judge_scores_of(choice, cands.stimulus_id)
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(str(e)) from None
+    except KeyError as e:
+        raise UserError(f"{run / 'report.json'}: choice.scores has no score for candidate {e.args[0]}") from None
+    keep = int(choice.get("kept_per_target", cfg.stimuli.seeds_per_target))
+    nat, _ = load_natural(cfg, target)
+    natural_ids = [str(s) for s in nat.stimulus_id]
+    n_nat = len(natural_ids)
+    with torch.no_grad():
+        mean = recorder.expected(torch.cat([nat.images, cands.images])).cpu()
+    truth = candidate_scores(cands.objective, cands.target_index, mean[n_nat:].numpy(), mean[:n_nat].numpy())
+    write(f"{target.name}: {len(cands.stimulus_id)} candidates ({choice.get('candidates_per_target', '?')} per target, the run "
+          f"kept {keep}), {len(site_ids)} sites, {n_nat} natural images, {cfg.followup.n_repeats} repeats, {a.draws} fresh "
+          f"recordings per choice")
+    rho = within_target_spearman(cands, judge, truth)
+    write("judge against the recorder's expected responses, Spearman within each target (median over targets): "
+          + ", ".join(f"{o} {np.nanmedian(v):.3f} ({np.isfinite(v).sum()} targets)" if np.isfinite(v).any() else f"{o} n/a"
+                      for o, v in rho.items()))
+    original = None if cfg.followup.record_natural else nat.recording
+    picks = selections(cands, judge, truth, keep)
+    for name in SELECTIONS:
+        rows = torch.as_tensor(picks[name])
+        ids = natural_ids + [cands.stimulus_id[i] for i in rows.tolist()]
+        out = redraw_figures(recorder, torch.cat([nat.images, cands.images[rows]]), ids, natural_ids, cands.manifest(rows.tolist()),
+                             n_repeats=cfg.followup.n_repeats, draws=a.draws, seed=derive_seed(cfg.seed, "redraw"),
+                             original=original, mean=torch.cat([mean[:n_nat], mean[n_nat + rows]]))
+        figs = "; ".join(f"{f} noise-free {out.expected[f]:.3f} redrawn {out.summary(f)['mean']:.3f} sd {out.summary(f)['sd']:.3f}"
+                         for f in FIGURES)
+        write(f"{name} ({len(rows)} images): {figs}")
     return 0
 
 

@@ -154,7 +154,7 @@ def test_debug_shows_the_traceback(tmp_path):
         main(["run", str(cfg), "--debug"])
 
 
-@pytest.mark.parametrize("argv", [[], ["run"], ["check"], ["validate"], ["record"], ["bench", "synthesis"], ["bench", "ceiling"], ["bench", "gradients"], ["bench", "redraw"], ["data", "fetch"]])
+@pytest.mark.parametrize("argv", [[], ["run"], ["check"], ["validate"], ["record"], ["bench", "synthesis"], ["bench", "ceiling"], ["bench", "gradients"], ["bench", "redraw"], ["bench", "choice"], ["data", "fetch"]])
 def test_help_for_every_command(capsys, argv):
     with pytest.raises(SystemExit) as e:
         main(argv + ["--help"])
@@ -619,18 +619,25 @@ def test_held_out_surrogate_scores_every_saved_image(tmp_path, capsys):
     assert -1 <= report["fit"]["held_out_median_r_test"] <= 1
 
 
-def test_judge_keeps_the_candidates_it_scores_best(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def judge_run(tmp_path_factory):
+    """A tiny run with a judge: three candidates per target, the judge keeps one."""
+    tmp_path = tmp_path_factory.mktemp("judge")
+    cfg = write_cfg(tmp_path / "judge.yaml", fit__judge={"backbone_kwargs": {"channels": 6}, "epochs": 3},
+                    stimuli__candidates_per_target=3, stimuli__seeds_per_target=1)
+    out = tmp_path / "judge_run"
+    assert main(["run", str(cfg), "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def test_judge_keeps_the_candidates_it_scores_best(judge_run):
     """fit.judge + stimuli.candidates_per_target: three candidates per target are
     synthesized by the surrogate alone; the judge's best one of each is the stimulus set."""
     from synth.data.stimuli import read_stimulus_set
     from synth.surrogate import Surrogate, predict
     from synth.synthesis.scoring import candidate_scores
 
-    cfg = write_cfg(tmp_path / "judge.yaml", fit__judge={"backbone_kwargs": {"channels": 6}, "epochs": 3},
-                    stimuli__candidates_per_target=3, stimuli__seeds_per_target=1)
-    out = tmp_path / "judge_run"
-    code, _, err = run_cli(["run", cfg, "--out", out, "--quiet"], capsys)
-    assert code == 0, err
+    out = judge_run
     report = json.loads((out / "report.json").read_text())
     choice, sites = report["choice"], report["fit"]["n_sites"]
     assert (choice["n_candidates"], choice["n_kept"]) == (2 * 3 * sites, 2 * sites)  # stretch and one-hot, every site
@@ -664,6 +671,48 @@ def test_judge_keeps_the_candidates_it_scores_best(tmp_path, capsys):
     again = candidate_scores([r["objective"] for r in rows], np.array([site_ids.index(r["target_site"]) for r in rows]),
                              judged, predict(judge, nat.images))
     assert np.allclose(again, [float(r["judge_score"]) for r in rows], rtol=1e-4, atol=1e-6)
+
+
+_CHOICE = re.compile(r"^(first|judge|best|all) \((\d+) images\): (.*)$")
+_CHOICE_FIG = re.compile(r"^(\S+) noise-free (-?[\d.]+) redrawn (-?[\d.]+) sd ([\d.]+)$")
+
+
+def test_bench_choice_scores_every_candidate_on_the_recorder(judge_run, tiny_run, capsys):
+    """bench choice: the judge's choice is the stimulus set (its figures are the run's and
+    bench redraw's), the recorder's own best choice is at least as good as the judge's or
+    the first candidates', noise-free; a run without a judge is a one-line error."""
+    from synth.validation.redraw import FIGURES
+
+    out = judge_run
+    code, text, err = run_cli(["bench", "choice", out, "--draws", "3", "-q"], capsys)
+    assert code == 0, err
+    lines = text.splitlines()
+    report = json.loads((out / "report.json").read_text())
+    sites = report["fit"]["n_sites"]
+    assert f"{6 * sites} candidates (3 per target, the run kept 1)" in lines[0]
+    rho = re.findall(r"(stretch|one_hot) (-?[\d.]+) \((\d+) targets\)", lines[1])
+    assert [r[0] for r in rho] == ["stretch", "one_hot"] and all(-1 <= float(r[1]) <= 1 for r in rho), lines[1]
+    figs = {}
+    for m in map(_CHOICE.match, lines[2:]):
+        assert m, text
+        parts = dict((g.group(1), g.groups()[1:]) for g in map(_CHOICE_FIG.match, m.group(3).split("; ")))
+        assert set(parts) == set(FIGURES), m.group(3)
+        figs[m.group(1)] = (int(m.group(2)), {f: (float(a), float(b)) for f, (a, b, _) in parts.items()})
+    assert {k: n for k, (n, _) in figs.items()} == {"first": 2 * sites, "judge": 2 * sites, "best": 2 * sites, "all": 6 * sites}
+    for f in FIGURES:  # the judge's choice is the stimulus set: the run's noise-free figures
+        block, key = f.split(".")
+        if key in report["noise_free"][block]:
+            assert figs["judge"][1][f][0] == round(report["noise_free"][block][key], 3), f
+    code, redrawn, err = run_cli(["bench", "redraw", out, "--draws", "3", "-q"], capsys)  # and bench redraw's recordings
+    assert code == 0, err
+    means = {m.group(1): m.group(2) for m in map(_REDRAW.match, redrawn.splitlines()) if m}
+    assert means and all(float(means[f]) == figs["judge"][1][f][1] for f in means), (means, figs["judge"])
+    for f in ("stretch.fraction_above_natural_max", "stretch.median_gain", "one_hot.median_score_ratio"):
+        # a target scores its best image: the recorder's best of three is as good as all three, and no worse than any other
+        assert figs["best"][1][f][0] == figs["all"][1][f][0], (f, figs)
+        assert figs["best"][1][f][0] >= max(figs["judge"][1][f][0], figs["first"][1][f][0]), (f, figs)
+    code, _, err = run_cli(["bench", "choice", tiny_run[1]], capsys)
+    assert_one_line_error(code, err, "report.json", "no 'choice' block")
 
 
 def test_candidates_need_a_judge_and_a_judge_needs_candidates(tmp_path, capsys):

@@ -126,6 +126,7 @@ def redraw_figures(
     draws: int,
     seed: int,
     original: Recording | None = None,
+    mean: torch.Tensor | None = None,
 ) -> Redrawn:
     """The control figures of ``draws`` fresh recordings of the same images.
 
@@ -143,6 +144,8 @@ def redraw_figures(
             come from this recording (``followup.record_natural: false``) and only the
             other images are redrawn. The noise-free figures use the recorder's expected
             responses to every image either way (as ``report.json → noise_free``).
+        mean: ``(N, S)`` the recorder's expected responses to ``images`` when already
+            computed (default: computed here).
 
     Returns:
         :class:`Redrawn`.
@@ -152,7 +155,10 @@ def redraw_figures(
     ids = [str(s) for s in stimulus_ids]
     if len(ids) != images.shape[0]:
         raise ValueError(f"{images.shape[0]} images but {len(ids)} stimulus ids")
-    mean = recorder.expected(images)
+    if mean is None:
+        mean = recorder.expected(images)
+    elif tuple(mean.shape) != (len(ids), len(recorder.site_ids)):
+        raise ValueError(f"expected responses of shape {(len(ids), len(recorder.site_ids))}, got {tuple(mean.shape)}")
     expected = headline_figures(noise_free_metrics(mean, ids, recorder.site_ids, manifest, natural_ids))
     rows = np.arange(len(ids))
     if original is not None:
