@@ -651,6 +651,7 @@ def _synthesize_stage(
     from synth.data.stimuli import write_stimulus_set
     from synth.surrogate.fit import predict
     from synth.synthesis import Job, ObjectiveContext, synthesize
+    from synth.synthesis.jobs import stimulus_id_of
 
     sites = list(site_ids) if cfg.stimuli.sites is None else list(cfg.stimuli.sites)
     unknown = [s for s in sites if s not in set(site_ids)]
@@ -665,7 +666,7 @@ def _synthesize_stage(
             continue
         for s in sites:
             for k in range(cfg.stimuli.n_candidates):
-                sid = f"{kind}_{s}_s{k}"
+                sid = stimulus_id_of(kind, s, k)
                 jobs.append(Job(stimulus_id=sid, objective=kind, target_site=index[s], seed=derive_seed(cfg.seed, "synth", sid)))
     rf = None
     if hasattr(model, "receptive_fields"):

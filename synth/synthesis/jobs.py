@@ -9,6 +9,34 @@ import numpy as np
 import torch
 
 
+def stimulus_id_of(objective: str, site: str, rank: int) -> str:
+    """The stimulus id of a site's ``rank``-th image for ``objective``: ``<objective>_<site>_s<rank>``.
+
+    Example:
+        >>> stimulus_id_of("one_hot", "201025_n003", 2)
+        'one_hot_201025_n003_s2'
+    """
+    return f"{objective}_{site}_s{int(rank)}"
+
+
+def parse_stimulus_id(stimulus_id: str, site_ids: Sequence[str], objectives: Sequence[str] = ("stretch", "one_hot")) -> tuple[str, str, int]:
+    """The inverse of :func:`stimulus_id_of` for the sites ``site_ids`` (which may hold ``_``).
+
+    Raises:
+        ValueError: not such an id for one of ``objectives`` and ``site_ids``.
+
+    Example:
+        >>> parse_stimulus_id("one_hot_201025_n003_s2", ["201025_n003"])
+        ('one_hot', '201025_n003', 2)
+    """
+    for obj in objectives:
+        if stimulus_id.startswith(obj + "_") and "_s" in stimulus_id:
+            site, k = stimulus_id[len(obj) + 1 :].rsplit("_s", 1)
+            if site in site_ids and k.isdigit():
+                return obj, site, int(k)
+    raise ValueError(f"stimulus id '{stimulus_id}' is not <{'|'.join(objectives)}>_<site>_s<k> for a site of the run")
+
+
 @dataclass(frozen=True)
 class Job:
     """One image to synthesize.

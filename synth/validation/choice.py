@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
+from synth.synthesis.jobs import parse_stimulus_id
+
 #: the choices :func:`selections` names, in report order
 SELECTIONS = ("first", "judge", "best", "all")
 
@@ -56,21 +58,6 @@ class Candidates:
         return [{"stimulus_id": self.stimulus_id[i], "objective": self.objective[i], "target_site": self.target_site[i]} for i in rows]
 
 
-def parse_candidate_id(stimulus_id: str, site_ids: Sequence[str]) -> tuple[str, str, int]:
-    """``"one_hot_<site>_s<k>"`` -> ``("one_hot", "<site>", k)``.
-
-    Raises:
-        ValueError: not an id the synthesize stage writes for one of ``site_ids``.
-    """
-    known = set(str(s) for s in site_ids)
-    for obj in OBJECTIVES:
-        if stimulus_id.startswith(obj + "_") and "_s" in stimulus_id:
-            site, k = stimulus_id[len(obj) + 1 :].rsplit("_s", 1)
-            if site in known and k.isdigit():
-                return obj, site, int(k)
-    raise ValueError(f"candidate id '{stimulus_id}' is not <stretch|one_hot>_<site>_s<k> for a site of the run")
-
-
 def read_candidates(run_dir: str | os.PathLike, site_ids: Sequence[str]) -> Candidates:
     """Every candidate of a finished run, from ``checkpoints/synthesis_batch_*.npz``.
 
@@ -96,7 +83,8 @@ def read_candidates(run_dir: str | os.PathLike, site_ids: Sequence[str]) -> Cand
     u8 = np.concatenate(parts)
     if u8.ndim == 3:  # grayscale saved without a channel axis
         u8 = u8[..., None]
-    parsed = [parse_candidate_id(s, site_ids) for s in ids]
+    known = set(str(s) for s in site_ids)
+    parsed = [parse_stimulus_id(s, known, OBJECTIVES) for s in ids]
     index = {str(s): i for i, s in enumerate(site_ids)}
     return Candidates(
         stimulus_id=ids,

@@ -6,21 +6,22 @@ import numpy as np
 import pytest
 import torch
 
-from synth.validation.choice import Candidates, parse_candidate_id, read_candidates, selections, within_target_spearman
+from synth.synthesis.jobs import parse_stimulus_id, stimulus_id_of
+from synth.validation.choice import Candidates, read_candidates, selections, within_target_spearman
 
 SITES = ["a_n000", "a_n001"]
 
 
-def test_parse_candidate_id_takes_site_ids_with_underscores():
-    assert parse_candidate_id("one_hot_a_n001_s12", SITES) == ("one_hot", "a_n001", 12)
-    assert parse_candidate_id("stretch_a_n000_s0", SITES) == ("stretch", "a_n000", 0)
+def test_parse_stimulus_id_inverts_stimulus_id_of_with_underscores_in_site_ids():
+    assert parse_stimulus_id(stimulus_id_of("one_hot", "a_n001", 12), SITES) == ("one_hot", "a_n001", 12)
+    assert parse_stimulus_id("stretch_a_n000_s0", SITES) == ("stretch", "a_n000", 0)
     for bad in ("stretch_b_n000_s0", "one_hot_a_n000", "flat_a_n000_s1", "stretch_a_n000_sx"):
         with pytest.raises(ValueError, match="is not <stretch|one_hot>_<site>_s<k>"):
-            parse_candidate_id(bad, SITES)
+            parse_stimulus_id(bad, SITES)
 
 
 def _candidates(ids):
-    parsed = [parse_candidate_id(s, SITES) for s in ids]
+    parsed = [parse_stimulus_id(s, SITES) for s in ids]
     return Candidates(stimulus_id=list(ids), objective=[p[0] for p in parsed], target_site=[p[1] for p in parsed],
                       target_index=np.array([SITES.index(p[1]) for p in parsed]), rank=np.array([p[2] for p in parsed]),
                       images=torch.zeros(len(ids), 1, 4, 4))
