@@ -30,8 +30,6 @@ from synth.synthesis.jobs import parse_stimulus_id
 #: the choices :func:`selections` names, in report order
 SELECTIONS = ("first", "judge", "best", "all")
 
-OBJECTIVES = ("stretch", "one_hot")
-
 
 @dataclass(frozen=True)
 class Candidates:
@@ -84,7 +82,7 @@ def read_candidates(run_dir: str | os.PathLike, site_ids: Sequence[str]) -> Cand
     if u8.ndim == 3:  # grayscale saved without a channel axis
         u8 = u8[..., None]
     known = set(str(s) for s in site_ids)
-    parsed = [parse_stimulus_id(s, known, OBJECTIVES) for s in ids]
+    parsed = [parse_stimulus_id(s, known) for s in ids]
     index = {str(s): i for i, s in enumerate(site_ids)}
     return Candidates(
         stimulus_id=ids,
