@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The prepared device check (developers only): the GPU tests, then the Cowley closed loop with
-# the other session's twins as a third surrogate (configs/cowley2023_closed_loop_twins.yaml),
-# which takes about 6 hours on 2 CPU cores, on a whole session.
+# the other session's twins as a third surrogate (configs/cowley2023_closed_loop_twins.yaml)
+# on a whole session, which takes 6 to 10 hours on 2 CPU cores (docs/cowley2023.md).
 #
 # Made for this workplace's device tool (a bare GPU machine with its own python3 and torch,
 # no internet, at most 10 minutes a command, files back only from $OUT). Two steps:
@@ -11,8 +11,8 @@
 #
 # `run` knows these variables: SESSION (default 201025), DEVICE (default cuda), BUDGET_S (the
 # whole command's time, default 570 s, inside the device's 600), RUN_LIMIT_S (the closed loop's
-# limit, default what the budget leaves after the tests, less 60 s for the redraw), CONFIG (default the twins config) and
-# EXTRA (more `--set` arguments, e.g. a quick check on a CPU:
+# limit, default what the budget leaves after the tests, less 60 s for the redraw), CONFIG
+# (default the twins config) and EXTRA (more `--set` arguments, e.g. a quick check on a CPU:
 # DEVICE=cpu CONFIG=configs/cowley2023_closed_loop.yaml EXTRA="--set stimuli.sites=[201025_n000] --set synthesis.steps=4").
 # What comes back under $OUT: gpu_check.log (everything printed), report.json, fit.json and
 # run.log of the run, redraw.txt (`synth bench redraw`, 40 recordings).
