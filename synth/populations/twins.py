@@ -316,6 +316,40 @@ class TwinEnsemble(nn.Module):
                 out[i : i + block, t] = twin(xb)
         return out
 
+    @torch.no_grad()
+    def pooled_hidden(self, images: torch.Tensor, layers: Sequence[int], grid: int) -> torch.Tensor:
+        """Every twin's hidden ``layers``, each channel averaged over a ``grid`` x ``grid`` grid.
+
+        Args:
+            images: ``(N, C, H, W)`` in [0, 1], as for ``forward``.
+            layers: twin layer indices (0-4; ``FoldedTwin.hidden``).
+            grid: cells per side (``adaptive_avg_pool2d``).
+
+        Returns:
+            ``(N, K)`` in ``dtype``; columns ordered by twin, layer, channel, cell row, cell
+            column (K = the twins' channels in ``layers`` x ``grid`` squared).
+        """
+        layers = sorted({int(i) for i in layers})
+        if not layers or not 0 <= layers[0] <= layers[-1] < _N_LAYERS:
+            raise ValueError(f"layers must be in 0..{_N_LAYERS - 1}, got {layers}")
+        if grid < 1:
+            raise ValueError(f"grid must be >= 1 cell, got {grid}")
+        dev = self._device()
+        x = pad_input(preprocess(images.to(dev), self.dtype))
+        block = self.block or (2 if dev.type == "cpu" else 256)
+        starts = range(0, x.shape[0], block)
+        out = []
+        for i in progress(starts, desc="twin features", total=len(starts)) if x.shape[0] * self.n_twins >= 20000 else starts:
+            xb = x[i : i + block]
+            parts = [
+                F.adaptive_avg_pool2d(h, grid).flatten(1)
+                for twin in self.twins
+                for k, h in enumerate(twin.hidden(xb, layers[-1]))
+                if k in layers
+            ]
+            out.append(torch.cat(parts, dim=1))
+        return torch.cat(out)
+
     def cache_key(self, images: torch.Tensor) -> str:
         """SHA-256 naming the outputs of these twins on these images (for caching)."""
         import hashlib

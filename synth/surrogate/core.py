@@ -42,7 +42,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -103,6 +103,20 @@ class CoreConfig:
                              "(early stopping) is then one of the matched epochs"}
     )
     distill_synth_steps: int = field(default=64, metadata={"min": 1, "max": 10000, "help": "gradient steps per teacher-synthesized image"})
+    distill_features: str = field(
+        default="none",
+        metadata={"help": "feature distillation: the teachers' hidden layers (layer2, layer3, layer4 or layersA-B, as for "
+                  "backbone cowley_twins), each channel averaged over the cells of a distill_features_grid x "
+                  "distill_features_grid grid, are extra targets of the core on the distillation images (one pseudo-site "
+                  "per channel and cell, with their own readout: 'twinfeatures:<session>'); none: off"},
+    )
+    distill_features_grid: int = field(default=3, metadata={"min": 1, "max": 28, "help": "cells per side over which distill_features are averaged"})
+    distill_features_readout: str = field(
+        default="cells",
+        metadata={"choices": ("cells", "factorized"), "help": "the core's readout of the feature targets: cells (channel weights "
+                  "over the target's own cell of the core's features: cheap) or factorized (a learned mask per target, like "
+                  "the sessions': about 2.3x the time per epoch with layers3-4 on a 3 x 3 grid)"},
+    )
     backbone_kwargs: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "small_cnn arguments (channels, n_layers, first_kernel, ...)"}
     )
@@ -140,6 +154,16 @@ class CoreConfig:
             object.__setattr__(self, "readout", {"name": self.readout})
         if isinstance(self.distill_twins, str) and self.distill_twins not in ("none", "auto"):
             raise ConfigError(f"expected none, auto or a list of session ids, got {self.distill_twins!r}", key="distill_twins")
+        if self.distill_features != "none":
+            from synth.surrogate.twin_backbone import parse_twin_layers
+
+            try:
+                parse_twin_layers(self.distill_features)
+            except ConfigError:
+                raise ConfigError(
+                    f"unknown layer {self.distill_features!r}; expected none, layer2, layer3, layer4 or layersA-B with 2 <= A <= B <= 4",
+                    key="distill_features",
+                ) from None
         self.fit_config()  # validates backbone_kwargs and readout
 
     def fit_config(self):
@@ -294,6 +318,10 @@ def plan_core(cc: CoreConfig, *, root: str | os.PathLike | None = None, evaluate
         cfg_d["jacobian_epoch_selection"] = "matched epochs only"  # since 2026-12-05 (was: any epoch)
     if not cfg_d.get("adversarial_eps"):
         cfg_d.pop("adversarial_eps", None)  # likewise
+    if not teachers or cfg_d.get("distill_features") == "none":
+        cfg_d.pop("distill_features", None)  # likewise
+        cfg_d.pop("distill_features_grid", None)
+        cfg_d.pop("distill_features_readout", None)
     keyed = {
         "version": CORE_CACHE_VERSION,
         "config": cfg_d,
@@ -400,7 +428,37 @@ def training_sets(plan: CorePlan, *, device: torch.device | str = "cpu") -> tupl
             }
             log.info("core data: twins of %s labelled %d images (%d noise and %d synthesized images among them; %.0f s)",
                      t, y_t.shape[0], int(cc.distill_noise_images), x_syn.shape[0], time.perf_counter() - t0)
+            if cc.distill_features != "none":
+                t0 = time.perf_counter()
+                f_t = teacher_features(rec_t.ensemble, torch.cat([x_sel, x_syn]), cc.distill_features, int(cc.distill_features_grid))
+                datasets.append((x_core, f_t))
+                names.append(f"twinfeatures:{t}")
+                teacher_info[t]["feature_targets"] = int(f_t.shape[1])
+                teacher_info[t]["feature_seconds"] = round(time.perf_counter() - t0, 1)
+                log.info("core data: twins of %s gave %d feature targets (%s, %d x %d cells) on %d images (%.0f s)",
+                         t, f_t.shape[1], cc.distill_features, cc.distill_features_grid, cc.distill_features_grid, f_t.shape[0], time.perf_counter() - t0)
     return datasets, names, {"sessions": counts, "teachers": teacher_info}
+
+
+def teacher_features(ensemble, images: torch.Tensor, layers: str, grid: int) -> torch.Tensor:
+    """A teacher's hidden layers as feature-distillation targets.
+
+    Every twin's channels in ``layers`` (:func:`~synth.surrogate.twin_backbone.parse_twin_layers`),
+    each averaged over the cells of a ``grid`` x ``grid`` grid: column ``k`` is cell
+    ``k % grid ** 2`` (row-major) of one channel.
+
+    Args:
+        ensemble: the teacher's :class:`~synth.populations.twins.TwinEnsemble`.
+        images: ``(N, 3, H, W)`` in [0, 1].
+        layers: twin layer name (``layer4``, ``layers3-4``...).
+        grid: cells per side.
+
+    Returns:
+        ``(N, K)`` float32 targets (>= 0: averages of ReLU maps), on the CPU.
+    """
+    from synth.surrogate.twin_backbone import parse_twin_layers
+
+    return ensemble.pooled_hidden(images, parse_twin_layers(layers), grid).float().cpu()
 
 
 def noise_images(n: int, natural: torch.Tensor, seed: int, decay_power: float = 2.5) -> torch.Tensor:
@@ -531,6 +589,22 @@ def jacobian_targets(plan: CorePlan, datasets: Sequence[tuple[torch.Tensor, torc
     return out
 
 
+def feature_readouts(cc: CoreConfig, names: Sequence[str]) -> dict[str, Callable[[tuple[int, int, int], int], Any]]:
+    """The readout builders of the feature-distillation datasets (``twinfeatures:<session>``)
+    for :func:`~synth.surrogate.fit.fit_core`: :class:`~synth.surrogate.readouts.CellReadout`
+    with ``distill_features_readout: cells`` (none otherwise: they get the core's readout)."""
+    if cc.distill_features == "none" or cc.distill_features_readout != "cells":
+        return {}
+    from synth.surrogate.readouts import CellReadout
+
+    g = int(cc.distill_features_grid)
+
+    def build(in_shape: tuple[int, int, int], n_sites: int) -> CellReadout:
+        return CellReadout(in_shape, torch.arange(n_sites) % (g * g), g)
+
+    return {n: build for n in names if n.startswith("twinfeatures:")}
+
+
 def read_cached(plan: CorePlan) -> dict[str, Any] | None:
     """The cached core's info (None when absent, unreadable, or cut short by a time limit
     that ``plan`` raises or lifts: the limit is not part of the key, so such a core would
@@ -601,6 +675,7 @@ def ensure_core(plan: CorePlan, *, device: torch.device | str = "cpu") -> tuple[
     core, rep = fit_core(
         datasets, cc.fit_config(), device=device, seed=plan.seed, names=names, max_seconds=max_s, precision=cc.precision,
         adversarial_eps=cc.adversarial_eps, jacobians=jacobians, jacobian_from_epoch=cc.distill_jacobian_from_epoch,
+        readouts=feature_readouts(cc, names),
     )
     from synth.configtools import to_dict
 

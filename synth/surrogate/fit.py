@@ -830,6 +830,7 @@ def fit_core(
     adversarial_eps: float = 0.0,
     jacobians: Mapping[str, JacobianTargets] | None = None,
     jacobian_from_epoch: int = 1,
+    readouts: Mapping[str, Callable[[tuple[int, int, int], int], Any]] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Train one small core shared by several recording sessions (one readout each).
 
@@ -859,6 +860,9 @@ def fit_core(
         adversarial_eps: > 0: train on images moved by :func:`l2_adversarial` (L2 step
             of this length, [0, 1] pixel units at the core's input size) instead of the
             clean ones (about 1.6x the time per epoch); 0: clean images.
+        readouts: session name -> ``builder(in_shape, n_sites)`` of that session's readout
+            (e.g. a :class:`~synth.surrogate.readouts.CellReadout`); the others get
+            ``cfg.readout``.
         jacobians: session name -> :class:`JacobianTargets` for that session's images:
             its batches add ``weight * (1 - cosine)`` between the readout's input gradient
             and the targets (:func:`jacobian_loss`; those batches are not shifted, so the
@@ -885,6 +889,9 @@ def fit_core(
     precision = resolve_precision(precision, device)
     log.info("core training precision: %s", precision)
     names = [str(i) for i in range(len(datasets))] if names is None else [str(n) for n in names]
+    builders = dict(readouts or {})
+    if set(builders) - set(names):
+        raise ValueError(f"readouts for unknown sessions {sorted(set(builders) - set(names))} (sessions: {', '.join(names)})")
     pairs = [_check_pair(d, f"session {nm}") for d, nm in zip(datasets, names)]
     jacobians = dict(jacobians or {})
     images_of = {nm: x for nm, (x, _) in zip(names, pairs)}
@@ -913,7 +920,13 @@ def fit_core(
     for k, ((x, y), nm) in enumerate(zip(pairs, names)):
         tr, va = split_indices(x.shape[0], val_fraction, derive_seed(seed, "core-split", nm))
         scale = _site_scale(y[tr])
-        ro = build_readout(cfg.readout, in_shape=backbone.out_shape(int(x.shape[-1]), in_channels), n_sites=y.shape[1], seed=derive_seed(seed, "core-readout", nm))
+        in_shape = backbone.out_shape(int(x.shape[-1]), in_channels)
+        if nm in builders:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(derive_seed(seed, "core-readout", nm))
+                ro = builders[nm](in_shape, int(y.shape[1]))
+        else:
+            ro = build_readout(cfg.readout, in_shape=in_shape, n_sites=y.shape[1], seed=derive_seed(seed, "core-readout", nm))
         ro.init_bias(y[tr].mean(0) / scale)
         if hasattr(ro, "generator"):
             ro.generator = torch_generator(derive_seed(seed, "readout-noise", nm))

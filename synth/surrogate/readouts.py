@@ -259,6 +259,68 @@ class GaussianReadout(Readout):
         }
 
 
+class CellReadout(Readout):
+    """Channel weights over the mean of one fixed grid cell per site.
+
+    The features are averaged over the cells of a ``grid`` x ``grid`` grid; site ``s``
+    reads cell ``cells[s]`` (row-major) through its own channel weights:
+    ``out[n, s] = f(sum_c cellmean[n, c, cells[s]] * weight[s, c] + bias[s])``. For
+    targets whose place is known, such as a teacher's hidden channels averaged over the
+    same cells (``fit.core.distill_features``): per batch it costs N x C x S instead of the
+    factorized readout's N x C x H x W x S. Not in the ``READOUTS`` registry (the cells
+    come from the targets, not from a config).
+
+    Args:
+        in_shape: feature shape ``(C, H, W)``.
+        cells: ``(S,)`` cell index of each site, in ``[0, grid ** 2)``.
+        grid: cells per side (``adaptive_avg_pool2d``).
+        channel_l1: weight of the L1 penalty on the channel weights (mean over sites).
+        nonlinearity: ``softplus`` or ``elu1``.
+
+    Shape:
+        - Input: ``(N, C, H, W)``
+        - Output: ``(N, S)`` >= 0
+    """
+
+    def __init__(self, in_shape: tuple[int, int, int], cells: torch.Tensor, grid: int, *, channel_l1: float = 0.01, nonlinearity: str = "softplus") -> None:
+        super().__init__()
+        c, h, w = (int(v) for v in in_shape)
+        cells = torch.as_tensor(cells, dtype=torch.long).flatten()
+        if grid < 1 or cells.numel() == 0 or int(cells.min()) < 0 or int(cells.max()) >= grid * grid:
+            raise ValueError(f"cells must be indices in [0, {grid * grid}) of a {grid} x {grid} grid, got {cells.numel()} of them")
+        output_nonlinearity(torch.zeros(1), nonlinearity)  # validates the name
+        self.in_shape = (c, h, w)
+        self.grid = int(grid)
+        self.n_sites = int(cells.numel())
+        self.channel_l1 = float(channel_l1)
+        self.nonlinearity = nonlinearity
+        self.register_buffer("cells", cells)
+        self.weight = nn.Parameter(torch.randn(self.n_sites, c) / math.sqrt(c))
+        self.bias = nn.Parameter(torch.zeros(self.n_sites))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        if (c, h, w) != self.in_shape:
+            raise ValueError(f"readout expects features {self.in_shape}, got {(c, h, w)}")
+        means = F.adaptive_avg_pool2d(x, self.grid).flatten(2)  # (N, C, G*G)
+        z = (means[:, :, self.cells] * self.weight.t().unsqueeze(0)).sum(dim=1) + self.bias  # (N, S)
+        return output_nonlinearity(z, self.nonlinearity)
+
+    def regularizer(self) -> torch.Tensor:
+        return self.channel_l1 * self.weight.abs().sum(1).mean() if self.channel_l1 > 0 else self.bias.new_zeros(())
+
+    def spatial_masks(self) -> torch.Tensor:
+        """Each site's cell as a 0/1 map ``(S, H, W)`` (the grid upsampled by nearest neighbour;
+        exactly ``adaptive_avg_pool2d``'s cells where ``grid`` divides H and W)."""
+        _, h, w = self.in_shape
+        one = torch.eye(self.grid * self.grid, device=self.cells.device).view(-1, 1, self.grid, self.grid)
+        maps = F.interpolate(one, size=(h, w), mode="nearest")[:, 0]  # (G*G, H, W)
+        return maps[self.cells]
+
+    def config(self) -> dict[str, Any]:
+        return {"name": "cells", "grid": self.grid, "channel_l1": self.channel_l1, "nonlinearity": self.nonlinearity}
+
+
 @READOUTS.register("factorized")
 def factorized(
     *,

@@ -65,6 +65,24 @@ def test_pretrained_core_errors(tmp_path):
         fit_surrogate(cfg, (x, torch.rand(10, 2)), (x, torch.rand(10, 2)), site_ids=["a", "b"])
 
 
+def test_fit_core_takes_a_readout_per_session():
+    """A session named in ``readouts`` gets that builder's readout (seeded like the others);
+    a name that is not a session is refused."""
+    from synth.surrogate.readouts import CellReadout
+
+    built = []
+
+    def cells(in_shape, n_sites):
+        built.append((in_shape, n_sites))
+        return CellReadout(in_shape, torch.arange(n_sites) % 4, 2)
+
+    cfg = from_dict(FitConfig, {**TINY_FIT, "epochs": 1})
+    _, rep = fit_core(sessions(), cfg, seed=0, names=["a", "b"], readouts={"b": cells})
+    assert len(built) == 1 and built[0][1] == 7 and set(rep["val_median_r"]) == {"a", "b"}
+    with pytest.raises(ValueError, match=r"readouts for unknown sessions \['c'\]"):
+        fit_core(sessions(), cfg, seed=0, names=["a", "b"], readouts={"c": cells})
+
+
 def test_fit_core_rejects_torchvision():
     with pytest.raises(ConfigError, match="small_cnn"):
         fit_core(sessions(), from_dict(FitConfig, {"backbone": "alexnet", "weights": "x.pth"}))

@@ -186,6 +186,12 @@ def test_cache_key_tracks_config_seed_mode_and_data(fake_root, cache):
     assert plan_core(_cc(distill_twins="auto", distill_jacobian=1.0, distill_jacobian_from_epoch=1), root=fake_root, evaluated="c3", grayscale=False, seed=0).key == jac.key
     assert plan_core(_cc(distill_twins="auto", distill_jacobian=1.0, distill_jacobian_from_epoch=3), root=fake_root, evaluated="c3", grayscale=False, seed=0).key != jac.key
     assert plan_core(_cc(distill_twins="auto", distill_jacobian_from_epoch=3), root=fake_root, evaluated="c3", grayscale=False, seed=0).key == with_t.key
+    # feature distillation: likewise
+    assert plan_core(_cc(distill_features="layer4", distill_features_grid=2), root=fake_root, evaluated="c3", grayscale=False, seed=0).key == base.key
+    assert plan_core(_cc(distill_twins="auto", distill_features="none", distill_features_grid=2), root=fake_root, evaluated="c3", grayscale=False, seed=0).key == with_t.key
+    feat = plan_core(_cc(distill_twins="auto", distill_features="layer4"), root=fake_root, evaluated="c3", grayscale=False, seed=0)
+    assert feat.key not in (with_t.key, plan_core(_cc(distill_twins="auto", distill_features="layer4", distill_features_grid=2), root=fake_root, evaluated="c3", grayscale=False, seed=0).key)
+    assert plan_core(_cc(distill_twins="auto", distill_features="layers3-4"), root=fake_root, evaluated="c3", grayscale=False, seed=0).key != feat.key
     for other in (
         plan_core(_cc(), root=fake_root, evaluated="c3", grayscale=False, seed=1),
         plan_core(_cc(), root=fake_root, evaluated="c3", grayscale=True, seed=0),
@@ -219,6 +225,56 @@ def test_teachers_label_the_noise_images_too(fake_root, cache):
     x_t, y_t = datasets[names.index("twins:a1")]
     assert x_t.shape[0] == y_t.shape[0] == 10 + 4 and torch.isfinite(y_t).all()
     assert info["teachers"]["a1"]["n_images"] == 10 and info["teachers"]["a1"]["n_noise_images"] == 4
+
+
+def test_feature_distillation_config_names_a_twin_layer():
+    assert _cc(distill_features="layers3-4").distill_features == "layers3-4"
+    with pytest.raises(ConfigError, match=r"^distill_features: unknown layer 'layer5'; expected none, layer2"):
+        _cc(distill_features="layer5")
+    with pytest.raises(ConfigError, match="core.distill_features_grid"):
+        from_dict(FitConfig, {"backbone": "pretrained_core", "weights": "auto", "core": {"distill_features_grid": 0}})
+
+
+def test_teachers_hidden_layers_become_feature_targets(fake_root, cache):
+    """Each pseudo-site is one twin channel averaged over one grid cell, on the images its
+    session's twins label; they train the core as a dataset of their own."""
+    plan = plan_core(_cc(distill_twins="auto", distill_features="layers3-4", distill_features_grid=2), root=fake_root, evaluated="c3", grayscale=False, seed=0)
+    datasets, names, info = core_mod.training_sets(plan)
+    assert names[-2:] == ["twins:a1", "twinfeatures:a1"]
+    x_t, y_t = datasets[names.index("twins:a1")]
+    x_f, f = datasets[names.index("twinfeatures:a1")]
+    assert x_f is x_t  # the same distillation images, one copy
+    ens = CowleySessions(str(fake_root)).teacher("a1").ensemble
+    # the images the twins saw: the distillation images at their native size
+    pool = torch.cat([cowley.load_session(fake_root, s, image_size=cowley.NATIVE_SIZE, grayscale=False)[1] for s in plan.sessions])
+    idx = np.sort(np.random.default_rng(core_mod.derive_seed(0, "core-distill")).choice(pool.shape[0], size=10, replace=False))
+    # by hand: twin k's layers 3 and 4 through the unfolded reference model, 2 x 2 cell means
+    states = [twins.read_twin_state(p) for p in cowley.twin_files(fake_root, "a1").values()]
+    xin = twins.preprocess(pool[torch.as_tensor(idx)]).double()
+    want = []
+    for st in states:
+        m = twins.compact_twin(st).requires_grad_(False)
+        L, h = m.layers, None
+        h = torch.relu(L["layer0_bn"](L["layer0_conv"](xin)))
+        for i in range(1, 5):
+            if i <= 2:
+                h = torch.nn.functional.pad(h, (1, 3, 1, 3))
+            h = torch.relu(L[f"layer{i}_bn"](L[f"layer{i}_conv_point"](L[f"layer{i}_conv_depth"](h))))
+            if i >= 3:
+                want.append(torch.nn.functional.adaptive_avg_pool2d(h, 2).flatten(1))
+    want = torch.cat(want, dim=1).float()
+    assert f.shape == want.shape and f.shape[0] == 10 and info["teachers"]["a1"]["feature_targets"] == f.shape[1]
+    torch.testing.assert_close(f, want, rtol=1e-3, atol=1e-3 * float(want.abs().max()))
+    assert float(f.min()) >= 0.0
+    # and the core trains with them, through a cell readout (channel weights over each
+    # target's own cell of the core's features) unless the factorized one is asked for
+    builders = core_mod.feature_readouts(plan.config, names)
+    assert list(builders) == ["twinfeatures:a1"]
+    ro = builders["twinfeatures:a1"]((4, 6, 6), f.shape[1])
+    assert ro.config()["name"] == "cells" and ro.cells.tolist() == [k % 4 for k in range(f.shape[1])]
+    assert core_mod.feature_readouts(_cc(distill_twins="auto", distill_features="layer4", distill_features_readout="factorized"), names) == {}
+    path, cinfo = ensure_core(plan)
+    assert path.exists() and "twinfeatures:a1" in cinfo["val_median_r"]
 
 
 def test_teacher_stimuli_drive_their_own_twin_and_are_seeded(fake_root, cache):

@@ -4,6 +4,7 @@ import torch
 from synth.errors import ConfigError
 from synth.surrogate.readouts import (
     READOUTS,
+    CellReadout,
     FactorizedReadout,
     GaussianReadout,
     build_readout,
@@ -29,6 +30,22 @@ def test_factorized_matches_einsum():
     x = torch.randn(6, 3, 4, 5)
     z = torch.einsum("nchw,shw,sc->ns", x, r.mask.abs(), r.weight) + r.bias
     assert torch.allclose(r(x), torch.nn.functional.softplus(z), atol=1e-5)
+
+
+def test_cell_readout_reads_each_sites_cell_mean_through_its_channel_weights():
+    r = CellReadout((3, 6, 6), torch.tensor([0, 3, 8, 3]), 3, nonlinearity="softplus")
+    x = torch.randn(5, 3, 6, 6)
+    # by hand: cell k covers rows 2*(k // 3) .. +2, columns 2*(k % 3) .. +2
+    cell = lambda k: x[:, :, 2 * (k // 3) : 2 * (k // 3) + 2, 2 * (k % 3) : 2 * (k % 3) + 2].mean(dim=(2, 3))  # noqa: E731
+    z = torch.stack([(cell(k) * r.weight[s]).sum(1) for s, k in enumerate([0, 3, 8, 3])], dim=1) + r.bias
+    torch.testing.assert_close(r(x), torch.nn.functional.softplus(z))
+    m = r.spatial_masks()
+    assert m.shape == (4, 6, 6) and float(m[2, 4:, 4:].min()) == 1.0 and float(m[2].sum()) == 4.0
+    assert float(r.regularizer()) == pytest.approx(0.01 * float(r.weight.detach().abs().sum(1).mean()))
+    with pytest.raises(ValueError, match=r"cells must be indices in \[0, 9\)"):
+        CellReadout((3, 6, 6), torch.tensor([9]), 3)
+    with pytest.raises(ValueError, match="readout expects features"):
+        r(torch.randn(1, 3, 5, 6))
 
 
 def test_init_bias_predicts_mean():
