@@ -115,7 +115,7 @@ class CoreConfig:
         default="cells",
         metadata={"choices": ("cells", "factorized"), "help": "the core's readout of the feature targets: cells (channel weights "
                   "over the target's own cell of the core's features: cheap) or factorized (a learned mask per target, like "
-                  "the sessions': about 2.3x the time per epoch with layers3-4 on a 3 x 3 grid)"},
+                  "the sessions': about 2.2x the time per epoch (the cell readout: 1.5x) with layers3-4 on a 3 x 3 grid)"},
     )
     backbone_kwargs: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "small_cnn arguments (channels, n_layers, first_kernel, ...)"}
