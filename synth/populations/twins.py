@@ -301,19 +301,21 @@ class TwinEnsemble(nn.Module):
     def _device(self) -> torch.device:
         return self.twins[0].w0.device if self.n_twins else torch.device("cpu")
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def _input_blocks(self, images: torch.Tensor, desc: str) -> Iterator[tuple[slice, torch.Tensor]]:
+        """The twins' padded input in blocks of images (``block``; a progress bar for large jobs)."""
         dev = self._device()
         x = pad_input(preprocess(images.to(dev), self.dtype))
-        cpu = dev.type == "cpu"
-        block = self.block or (2 if cpu else 256)
+        block = self.block or (2 if dev.type == "cpu" else 256)
         n = x.shape[0]
-        out = x.new_empty((n, self.n_twins))
         starts = range(0, n, block)
-        bar = progress(starts, desc="twins", total=len(starts)) if n * self.n_twins >= 20000 else starts
-        for i in bar:
-            xb = x[i : i + block]
+        for i in progress(starts, desc=desc, total=len(starts)) if n * self.n_twins >= 20000 else starts:
+            yield slice(i, i + block), x[i : i + block]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        out = torch.empty((images.shape[0], self.n_twins), dtype=self.dtype, device=self._device())
+        for rows, xb in self._input_blocks(images, "twins"):
             for t, twin in enumerate(self.twins):
-                out[i : i + block, t] = twin(xb)
+                out[rows, t] = twin(xb)
         return out
 
     @torch.no_grad()
@@ -334,13 +336,8 @@ class TwinEnsemble(nn.Module):
             raise ValueError(f"layers must be in 0..{_N_LAYERS - 1}, got {layers}")
         if grid < 1:
             raise ValueError(f"grid must be >= 1 cell, got {grid}")
-        dev = self._device()
-        x = pad_input(preprocess(images.to(dev), self.dtype))
-        block = self.block or (2 if dev.type == "cpu" else 256)
-        starts = range(0, x.shape[0], block)
         out = []
-        for i in progress(starts, desc="twin features", total=len(starts)) if x.shape[0] * self.n_twins >= 20000 else starts:
-            xb = x[i : i + block]
+        for _, xb in self._input_blocks(images, "twin features"):
             parts = [
                 F.adaptive_avg_pool2d(h, grid).flatten(1)
                 for twin in self.twins

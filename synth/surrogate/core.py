@@ -404,7 +404,8 @@ def training_sets(plan: CorePlan, *, device: torch.device | str = "cpu") -> tupl
                 n_synth[t], synth_seconds[t] = k, round(time.perf_counter() - t0, 1)
                 log.info("core data: %d images synthesized on the twins of %s (%.0f s)", k, t, synth_seconds[t])
         x_syn = torch.cat(parts) if cc.distill_synth_images else x_sel[:0]
-        x_core = _resize(source.in_mode(torch.cat([x_sel, x_syn]), plan.grayscale), size)  # one copy for every teacher
+        x_all = torch.cat([x_sel, x_syn]) if x_syn.shape[0] else x_sel
+        x_core = _resize(source.in_mode(x_all, plan.grayscale), size)  # one copy for every teacher
         for t in plan.teachers:
             rec_t = recs[t]
             t0 = time.perf_counter()
@@ -430,7 +431,7 @@ def training_sets(plan: CorePlan, *, device: torch.device | str = "cpu") -> tupl
                      t, y_t.shape[0], int(cc.distill_noise_images), x_syn.shape[0], time.perf_counter() - t0)
             if cc.distill_features != "none":
                 t0 = time.perf_counter()
-                f_t = teacher_features(rec_t.ensemble, torch.cat([x_sel, x_syn]), cc.distill_features, int(cc.distill_features_grid))
+                f_t = teacher_features(rec_t.ensemble, x_all, cc.distill_features, int(cc.distill_features_grid))
                 datasets.append((x_core, f_t))
                 names.append(f"twinfeatures:{t}")
                 teacher_info[t]["feature_targets"] = int(f_t.shape[1])
