@@ -41,7 +41,7 @@ def test_cell_readout_reads_each_sites_cell_mean_through_its_channel_weights():
     torch.testing.assert_close(r(x), torch.nn.functional.softplus(z))
     m = r.spatial_masks()
     assert m.shape == (4, 6, 6) and float(m[2, 4:, 4:].min()) == 1.0 and float(m[2].sum()) == 4.0
-    assert float(r.regularizer()) == pytest.approx(0.01 * float(r.weight.detach().abs().sum(1).mean()))
+    assert float(r.regularizer().detach()) == pytest.approx(0.01 * float(r.weight.detach().abs().sum(1).mean()))
     with pytest.raises(ValueError, match=r"cells must be indices in \[0, 9\)"):
         CellReadout((3, 6, 6), torch.tensor([9]), 3)
     with pytest.raises(ValueError, match="readout expects features"):
