@@ -921,12 +921,9 @@ def fit_core(
         tr, va = split_indices(x.shape[0], val_fraction, derive_seed(seed, "core-split", nm))
         scale = _site_scale(y[tr])
         in_shape = backbone.out_shape(int(x.shape[-1]), in_channels)
-        if nm in builders:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(derive_seed(seed, "core-readout", nm))
-                ro = builders[nm](in_shape, int(y.shape[1]))
-        else:
-            ro = build_readout(cfg.readout, in_shape=in_shape, n_sites=y.shape[1], seed=derive_seed(seed, "core-readout", nm))
+        with torch.random.fork_rng(devices=[]):  # each readout's init seeded on its own
+            torch.manual_seed(derive_seed(seed, "core-readout", nm))
+            ro = builders[nm](in_shape, int(y.shape[1])) if nm in builders else build_readout(cfg.readout, in_shape=in_shape, n_sites=y.shape[1])
         ro.init_bias(y[tr].mean(0) / scale)
         if hasattr(ro, "generator"):
             ro.generator = torch_generator(derive_seed(seed, "readout-noise", nm))
