@@ -191,7 +191,11 @@ class FoldedTwin(nn.Module):
         """
         for h in self.hidden(x, _N_LAYERS - 1):
             pass  # each layer's maps are freed as the next one is computed
-        return (h * self.beta).sum(dim=(1, 2, 3)) + self.beta_b
+        return self.head(h)
+
+    def head(self, h4: torch.Tensor) -> torch.Tensor:
+        """The twin's output from its layer-4 maps ``(N, C4, 28, 28)``: ``(N,)``."""
+        return (h4 * self.beta).sum(dim=(1, 2, 3)) + self.beta_b
 
     def hidden(self, x: torch.Tensor, upto: int) -> Iterator[torch.Tensor]:
         """The twin's layer outputs 0 .. ``upto`` (after the ReLU), one at a time.
@@ -319,33 +323,39 @@ class TwinEnsemble(nn.Module):
         return out
 
     @torch.no_grad()
-    def pooled_hidden(self, images: torch.Tensor, layers: Sequence[int], grid: int) -> torch.Tensor:
+    def pooled_hidden(self, images: torch.Tensor, layers: Sequence[int], grid: int, *, with_outputs: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Every twin's hidden ``layers``, each channel averaged over a ``grid`` x ``grid`` grid.
 
         Args:
             images: ``(N, C, H, W)`` in [0, 1], as for ``forward``.
             layers: twin layer indices (0-4; ``FoldedTwin.hidden``).
             grid: cells per side (``adaptive_avg_pool2d``).
+            with_outputs: also return the twins' outputs (``forward``), computed in the
+                same pass through their layers.
 
         Returns:
             ``(N, K)`` in ``dtype``; columns ordered by twin, layer, channel, cell row, cell
-            column (K = the twins' channels in ``layers`` x ``grid`` squared).
+            column (K = the twins' channels in ``layers`` x ``grid`` squared). With
+            ``with_outputs``, ``(features, outputs)``, outputs ``(N, T)`` as ``forward``'s.
         """
         layers = sorted({int(i) for i in layers})
         if not layers or not 0 <= layers[0] <= layers[-1] < _N_LAYERS:
             raise ValueError(f"layers must be in 0..{_N_LAYERS - 1}, got {layers}")
         if grid < 1:
             raise ValueError(f"grid must be >= 1 cell, got {grid}")
+        upto = _N_LAYERS - 1 if with_outputs else layers[-1]
         out = []
-        for _, xb in self._input_blocks(images, "twin features"):
-            parts = [
-                F.adaptive_avg_pool2d(h, grid).flatten(1)
-                for twin in self.twins
-                for k, h in enumerate(twin.hidden(xb, layers[-1]))
-                if k in layers
-            ]
+        outputs = torch.empty((images.shape[0], self.n_twins), dtype=self.dtype, device=self._device()) if with_outputs else None
+        for rows, xb in self._input_blocks(images, "twin features"):
+            parts = []
+            for t, twin in enumerate(self.twins):
+                for k, h in enumerate(twin.hidden(xb, upto)):
+                    if k in layers:
+                        parts.append(F.adaptive_avg_pool2d(h, grid).flatten(1))
+                if outputs is not None:
+                    outputs[rows, t] = twin.head(h)
             out.append(torch.cat(parts, dim=1))
-        return torch.cat(out)
+        return (torch.cat(out), outputs) if outputs is not None else torch.cat(out)
 
     def cache_key(self, images: torch.Tensor) -> str:
         """SHA-256 naming the outputs of these twins on these images (for caching)."""
@@ -358,12 +368,12 @@ class TwinEnsemble(nn.Module):
         h.update(array_sha256(images.detach().cpu().float().numpy()).encode())
         return h.hexdigest()
 
-    def outputs_cached(self, images: torch.Tensor, *, cache: bool = True) -> np.ndarray:
-        """Twin outputs (N, T) on ``images``, read from / written to ``cache_dir()/twins``."""
-        if not cache:
-            with torch.no_grad():
-                return self(images).cpu().numpy()
-        path = cache_dir() / "twins" / f"{self.cache_key(images)}.npy"
+    def _cache_path(self, images: torch.Tensor) -> Path:
+        return cache_dir() / "twins" / f"{self.cache_key(images)}.npy"
+
+    def read_cached(self, images: torch.Tensor) -> np.ndarray | None:
+        """The twins' outputs ``(N, T)`` on ``images`` from ``cache_dir()/twins``; None if absent."""
+        path = self._cache_path(images)
         if path.exists():
             try:
                 arr = np.load(path, allow_pickle=False)
@@ -372,17 +382,29 @@ class TwinEnsemble(nn.Module):
                     return arr
             except Exception as err:  # a damaged cache file is recomputed
                 log.warning("ignoring unreadable cache file %s (%s)", path, err)
-        with torch.no_grad():
-            arr = self(images).cpu().numpy()
+        return None
+
+    def write_cached(self, images: torch.Tensor, outputs: np.ndarray) -> None:
+        """Store the twins' ``outputs`` on ``images`` where ``read_cached`` finds them (atomic)."""
+        path = self._cache_path(images)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
             with open(tmp, "wb") as f:
-                np.save(f, arr)
+                np.save(f, outputs)
             os.replace(tmp, path)
             log.info("twin outputs cached in %s", path)
         except OSError as err:
             log.warning("cannot write twin cache %s (%s)", path, err)
+
+    def outputs_cached(self, images: torch.Tensor, *, cache: bool = True) -> np.ndarray:
+        """Twin outputs (N, T) on ``images``, read from / written to ``cache_dir()/twins``."""
+        arr = self.read_cached(images) if cache else None
+        if arr is None:
+            with torch.no_grad():
+                arr = self(images).cpu().numpy()
+            if cache:
+                self.write_cached(images, arr)
         return arr
 
 
@@ -563,6 +585,48 @@ class TwinRecorder:
             images: (N, C, H, W) in [0, 1], C = 1 or 3.
             returns: (N, S) float32 on ``images.device``.
         """
+        raw, todo, sub, big = self._raw_known(images)
+        if todo:
+            raw[todo] = self.ensemble.outputs_cached(sub, cache=big).astype(np.float64)
+        return self._calibrated(raw, images.device)
+
+    def expected_and_features(self, images: torch.Tensor, layers: Sequence[int], grid: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``expected(images)`` and the twins' pooled hidden layers, in one pass of the twins.
+
+        The outputs that ``expected`` would compute (images neither seen at calibration nor
+        in the twins' cache) come from the features' pass through the twins' layers and are
+        cached as ``expected`` caches them, so a later ``expected`` on the same images reads
+        them.
+
+        Args:
+            images: (N, C, H, W) in [0, 1], C = 1 or 3.
+            layers, grid: as for ``TwinEnsemble.pooled_hidden``.
+
+        Returns:
+            ``(expected, features)``: (N, S) float32 on ``images.device`` and
+            ``pooled_hidden``'s (N, K), on the twins' device.
+        """
+        raw, todo, sub, big = self._raw_known(images)
+        known = self.ensemble.read_cached(sub) if todo and big else None
+        need = bool(todo) and known is None
+        if need:
+            feats, outputs = self.ensemble.pooled_hidden(images, layers, grid, with_outputs=True)
+            known = outputs[torch.as_tensor(todo, device=outputs.device)].cpu().numpy()
+            if big:
+                self.ensemble.write_cached(sub, known)
+        else:
+            feats = self.ensemble.pooled_hidden(images, layers, grid)
+        if todo:
+            raw[todo] = known.astype(np.float64)
+        return self._calibrated(raw, images.device), feats
+
+    def _raw_known(self, images: torch.Tensor) -> tuple[np.ndarray, list[int], torch.Tensor, bool]:
+        """Raw outputs of the images seen at calibration; the rest to compute.
+
+        Returns:
+            (raw (N, S) float64 with the known rows filled, the rows to compute, those
+            images, whether they are many enough to cache).
+        """
         if images.device.type != "cpu" and self.ensemble._device() != images.device:
             self.ensemble.to(images.device)
         raw = np.empty((images.shape[0], self.ensemble.n_twins), dtype=np.float64)
@@ -578,12 +642,12 @@ class TwinRecorder:
                     raw[i] = row
             if len(todo) < images.shape[0]:
                 log.info("twins: %d of %d images known from calibration", images.shape[0] - len(todo), images.shape[0])
-        if todo:
-            sub = images if len(todo) == images.shape[0] else images[torch.as_tensor(todo, device=images.device)]
-            big = sub.shape[0] * self.ensemble.n_twins >= _CACHE_MIN
-            raw[todo] = self.ensemble.outputs_cached(sub, cache=big).astype(np.float64)
+        sub = images if len(todo) == images.shape[0] else images[torch.as_tensor(todo, dtype=torch.long, device=images.device)]
+        return raw, todo, sub, sub.shape[0] * self.ensemble.n_twins >= _CACHE_MIN
+
+    def _calibrated(self, raw: np.ndarray, device: torch.device) -> torch.Tensor:
         out = np.maximum(raw * self.slope + self.intercept, 0.0)
-        return torch.as_tensor(out, dtype=torch.float32, device=images.device)
+        return torch.as_tensor(out, dtype=torch.float32, device=device)
 
     def site_model(self, site: int) -> nn.Module:
         """A differentiable model of one calibrated twin: images -> ``slope * twin + intercept``.

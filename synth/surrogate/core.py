@@ -410,10 +410,17 @@ def training_sets(plan: CorePlan, *, device: torch.device | str = "cpu") -> tupl
             rec_t = recs[t]
             t0 = time.perf_counter()
             # labelled apart, so the natural (and noise) images' labels come from the twins'
-            # cache of an earlier core whatever the synthesized images are
-            y_t = rec_t.expected(x_sel).float()
-            if x_syn.shape[0]:
-                y_t = torch.cat([y_t, rec_t.expected(x_syn).float()])
+            # cache of an earlier core whatever the synthesized images are; with feature
+            # targets, the labels come from the same pass through the twins as the features
+            parts_y, parts_f = [], []
+            for xs in (x_sel, x_syn) if x_syn.shape[0] else (x_sel,):
+                if cc.distill_features != "none":
+                    y_p, f_p = teacher_targets(rec_t, xs, cc.distill_features, int(cc.distill_features_grid))
+                    parts_f.append(f_p)
+                else:
+                    y_p = rec_t.expected(xs)
+                parts_y.append(y_p.float())
+            y_t = torch.cat(parts_y)
             datasets.append((x_core, y_t))
             names.append(f"twins:{t}")
             teacher_info[t] = {
@@ -429,37 +436,38 @@ def training_sets(plan: CorePlan, *, device: torch.device | str = "cpu") -> tupl
             }
             log.info("core data: twins of %s labelled %d images (%d noise and %d synthesized images among them; %.0f s)",
                      t, y_t.shape[0], int(cc.distill_noise_images), x_syn.shape[0], time.perf_counter() - t0)
-            if cc.distill_features != "none":
-                t0 = time.perf_counter()
-                f_t = teacher_features(rec_t.ensemble, x_all, cc.distill_features, int(cc.distill_features_grid))
+            if parts_f:
+                f_t = torch.cat(parts_f)
                 datasets.append((x_core, f_t))
                 names.append(f"twinfeatures:{t}")
                 teacher_info[t]["feature_targets"] = int(f_t.shape[1])
-                teacher_info[t]["feature_seconds"] = round(time.perf_counter() - t0, 1)
-                log.info("core data: twins of %s gave %d feature targets (%s, %d x %d cells) on %d images (%.0f s)",
-                         t, f_t.shape[1], cc.distill_features, cc.distill_features_grid, cc.distill_features_grid, f_t.shape[0], time.perf_counter() - t0)
+                log.info("core data: twins of %s gave %d feature targets (%s, %d x %d cells) on %d images, in the labels' pass",
+                         t, f_t.shape[1], cc.distill_features, cc.distill_features_grid, cc.distill_features_grid, f_t.shape[0])
     return datasets, names, {"sessions": counts, "teachers": teacher_info}
 
 
-def teacher_features(ensemble, images: torch.Tensor, layers: str, grid: int) -> torch.Tensor:
-    """A teacher's hidden layers as feature-distillation targets.
+def teacher_targets(recorder, images: torch.Tensor, layers: str, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A teacher's labels and its hidden layers as feature-distillation targets, in one pass.
 
-    Every twin's channels in ``layers`` (:func:`~synth.surrogate.twin_backbone.parse_twin_layers`),
+    The labels are ``recorder.expected(images)`` (cached like them); the features, every
+    twin's channels in ``layers`` (:func:`~synth.surrogate.twin_backbone.parse_twin_layers`),
     each averaged over the cells of a ``grid`` x ``grid`` grid: column ``k`` is cell
     ``k % grid ** 2`` (row-major) of one channel.
 
     Args:
-        ensemble: the teacher's :class:`~synth.populations.twins.TwinEnsemble`.
+        recorder: the teacher's calibrated :class:`~synth.populations.twins.TwinRecorder`.
         images: ``(N, 3, H, W)`` in [0, 1].
         layers: twin layer name (``layer4``, ``layers3-4``...).
         grid: cells per side.
 
     Returns:
-        ``(N, K)`` float32 targets (>= 0: averages of ReLU maps), on the CPU.
+        ``(labels, features)``: ``(N, T)`` and ``(N, K)`` float32 on the CPU (the features
+        >= 0: averages of ReLU maps).
     """
     from synth.surrogate.twin_backbone import parse_twin_layers
 
-    return ensemble.pooled_hidden(images, parse_twin_layers(layers), grid).float().cpu()
+    y, f = recorder.expected_and_features(images, parse_twin_layers(layers), grid)
+    return y.float().cpu(), f.float().cpu()
 
 
 def noise_images(n: int, natural: torch.Tensor, seed: int, decay_power: float = 2.5) -> torch.Tensor:

@@ -296,6 +296,42 @@ def test_twin_outputs_are_cached_outside_the_repo(tmp_path, monkeypatch):
     assert ens.cache_key(x) != ens.cache_key(x.flip(0))
 
 
+def test_labels_and_features_in_one_pass_are_cached_as_labels(tmp_path, monkeypatch):
+    """The feature pass gives the labels too: the same as ``expected``, for the images not
+    known from calibration, and cached where ``expected`` looks for them."""
+    monkeypatch.setenv("SYNTH_CACHE_DIR", str(tmp_path / "cache"))
+    recd, x, _ = _calibrated(noise="none")
+    imgs = torch.cat([x[:2], _images(5, seed=9)])  # 2 calibration images, 5 new ones
+    want_y = recd.expected(imgs)  # below the caching size: nothing written
+    want_f = recd.ensemble.pooled_hidden(imgs, [3, 4], 2)
+    assert not (tmp_path / "cache").exists()
+    monkeypatch.setattr(twins, "_CACHE_MIN", 1)
+    calls = []
+    real = recd.ensemble.pooled_hidden
+
+    def spy(*a, **k):
+        calls.append(k.get("with_outputs", False))
+        return real(*a, **k)
+
+    def boom(*a, **k):
+        raise AssertionError("a second pass through the twins")
+
+    monkeypatch.setattr(recd.ensemble, "pooled_hidden", spy)
+    monkeypatch.setattr(recd.ensemble, "forward", boom)
+    y, f = recd.expected_and_features(imgs, [3, 4], 2)
+    torch.testing.assert_close(f, want_f, rtol=0, atol=0)
+    torch.testing.assert_close(y, want_y, rtol=1e-6, atol=1e-6)
+    assert len(list((tmp_path / "cache" / "twins").glob("*.npy"))) == 1  # the 5 new images' outputs
+    torch.testing.assert_close(recd.expected(imgs), y, rtol=0, atol=0)  # read back, no pass
+    y2, f2 = recd.expected_and_features(imgs, [3, 4], 2)  # labels cached: features only
+    assert calls == [True, False]
+    torch.testing.assert_close(y2, y, rtol=0, atol=0)
+    torch.testing.assert_close(f2, f, rtol=0, atol=0)
+    known = recd.expected_and_features(x[:4], [4], 1)  # all seen at calibration: features only
+    assert calls[-1] is False and known[1].shape == (4, sum(t.b4.shape[0] for t in recd.ensemble.twins))
+    torch.testing.assert_close(known[0], recd.expected(x[:4]), rtol=0, atol=0)
+
+
 # --------------------------------------------------------------------------- real twins
 
 

@@ -244,6 +244,9 @@ def test_teachers_hidden_layers_become_feature_targets(fake_root, cache):
     x_t, y_t = datasets[names.index("twins:a1")]
     x_f, f = datasets[names.index("twinfeatures:a1")]
     assert x_f is x_t  # the same distillation images, one copy
+    # the labels, from the features' pass through the twins, are those of a core without features
+    plain, plain_names, _ = core_mod.training_sets(plan_core(_cc(distill_twins="auto"), root=fake_root, evaluated="c3", grayscale=False, seed=0))
+    torch.testing.assert_close(y_t, plain[plain_names.index("twins:a1")][1], rtol=1e-6, atol=1e-6)
     ens = CowleySessions(str(fake_root)).teacher("a1").ensemble
     # the images the twins saw: the distillation images at their native size
     pool = torch.cat([cowley.load_session(fake_root, s, image_size=cowley.NATIVE_SIZE, grayscale=False)[1] for s in plan.sessions])
