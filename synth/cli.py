@@ -146,6 +146,18 @@ def _parser() -> argparse.ArgumentParser:
     bj.add_argument("--draws", type=int, default=20, metavar="N", help="fresh recordings per choice (default 20)")
     bj.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override the run's device")
 
+    bt = bsub.add_parser("teachers", parents=[common], help="what the teachers' feature targets cost: outputs, features, one pass",
+                         description="Time a session's digital twins on N of its images three ways: their outputs alone (a "
+                         "distillation teacher's labels), their hidden layers pooled over a grid alone (fit.core.distill_features "
+                         "targets), and both from one pass through their layers (what the core's data step does), in rounds.")
+    bt.add_argument("root", help="Cowley 2023 data root")
+    bt.add_argument("--session", required=True, help="a session with twins (e.g. 190923)")
+    bt.add_argument("--images", type=int, default=400, metavar="N", help="the session's first N images (default 400)")
+    bt.add_argument("--layers", default="layers3-4", help="twin layers of the features (default layers3-4)")
+    bt.add_argument("--grid", type=int, default=3, help="cells per side (default 3)")
+    bt.add_argument("--rounds", type=int, default=2, metavar="K", help="rounds of the three passes (default 2)")
+    bt.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where the twins compute (default auto)")
+
     d = sub.add_parser("data", parents=[common], help="data sets: download, write in a lab's layout")
     dsub = d.add_subparsers(dest="data_command", metavar="ACTION")
     dsub.required = True
@@ -273,6 +285,8 @@ def _cmd_bench(a: argparse.Namespace) -> int:
         return _bench_redraw(a, write)
     if a.bench == "choice":
         return _bench_choice(a, write)
+    if a.bench == "teachers":
+        return _bench_teachers(a, write)
     from synth.synthesis.bench import bench_synthesis
 
     bench_synthesis(device=a.device, image_size=a.image_size, n_sites=a.n_sites, steps=a.steps, seed=a.seed, write=write)
@@ -315,6 +329,31 @@ def _bench_ceiling(a: argparse.Namespace, write) -> int:
         write(f"ceiling_one_hot_ratio: {out['median_score_ratio']:.3f}")
     else:
         write(f"ceiling_stretch_fraction: {out['fraction_above_natural_max']:.3f}")
+    return 0
+
+
+def _bench_teachers(a: argparse.Namespace, write) -> int:
+    from synth.data import cowley
+    from synth.errors import ConfigError
+    from synth.populations.twinbench import bench_twin_passes
+    from synth.populations.twins import load_twins
+    from synth.runtime import resolve_device
+    from synth.surrogate.twin_backbone import parse_twin_layers
+
+    for flag, v in (("--images", a.images), ("--grid", a.grid), ("--rounds", a.rounds)):
+        if v < 1:
+            raise UserError(f"{flag}: expected a positive number, got {v}")
+    try:
+        layers = parse_twin_layers(a.layers)
+    except (ConfigError, ValueError) as err:
+        raise UserError(f"--layers: {err}") from None
+    device = resolve_device(a.device)
+    ens = load_twins(a.root, a.session, device=device)
+    _, x, _ = cowley.load_session(a.root, a.session)
+    x = x[: a.images].to(device)
+    write(f"twins of {a.session}: {ens.n_twins}, on {x.shape[0]} of its images, device {device}; features: {a.layers}, "
+          f"{a.grid} x {a.grid} cells")
+    bench_twin_passes(ens, x, layers=layers, grid=a.grid, repeats=a.rounds, write=write)
     return 0
 
 

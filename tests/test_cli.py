@@ -154,13 +154,22 @@ def test_debug_shows_the_traceback(tmp_path):
         main(["run", str(cfg), "--debug"])
 
 
-@pytest.mark.parametrize("argv", [[], ["run"], ["check"], ["validate"], ["record"], ["bench", "synthesis"], ["bench", "ceiling"], ["bench", "gradients"], ["bench", "redraw"], ["bench", "choice"], ["data", "fetch"]])
+@pytest.mark.parametrize("argv", [[], ["run"], ["check"], ["validate"], ["record"], ["bench", "synthesis"], ["bench", "ceiling"], ["bench", "gradients"], ["bench", "redraw"], ["bench", "choice"], ["bench", "teachers"], ["data", "fetch"]])
 def test_help_for_every_command(capsys, argv):
     with pytest.raises(SystemExit) as e:
         main(argv + ["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: synth") and len(out.splitlines()) > 3
+
+
+def test_bench_teachers_errors_are_one_line(tmp_path, capsys):
+    code, out, err = run_cli(["bench", "teachers", str(tmp_path), "--session", "190923"], capsys)
+    assert_one_line_error(code, err, "no compact models for session 190923")
+    code, out, err = run_cli(["bench", "teachers", str(tmp_path), "--session", "190923", "--images", "0"], capsys)
+    assert_one_line_error(code, err, "--images", "positive")
+    code, out, err = run_cli(["bench", "teachers", str(tmp_path), "--session", "190923", "--layers", "layer9"], capsys)
+    assert_one_line_error(code, err, "--layers", "layer9")
 
 
 def test_bench_ceiling_needs_a_target_with_twins(tmp_path, capsys):
