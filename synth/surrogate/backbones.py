@@ -438,6 +438,10 @@ class SmallCNN(nn.Module):
         stack: concatenate all layers' outputs (else only the last).
         smooth: weight of a Laplacian smoothness penalty on the first layer's kernels.
         upto: keep only the first ``upto`` layers (layer choice ``convK``).
+        head: channels of a final 1x1 convolution with bias and no activation after the
+            last layer (a linear projection, e.g. onto a teacher's feature maps: the
+            student cores of ``fit.core.objective: teacher_maps``); None: no head. Only
+            the ``out`` layer has it.
     """
 
     def __init__(
@@ -454,6 +458,7 @@ class SmallCNN(nn.Module):
         stack: bool = False,
         smooth: float = 0.0,
         upto: int | None = None,
+        head: int | None = None,
     ) -> None:
         super().__init__()
         if activation not in _ACTS:
@@ -464,6 +469,8 @@ class SmallCNN(nn.Module):
             raise ValueError(f"channels needs {n_layers} values (one per layer), got {len(chans)}")
         if n_layers < 1 or min(chans) < 1 or first_kernel < 1 or kernel < 1 or stride < 1:
             raise ValueError("channels, n_layers, kernels and stride must be >= 1")
+        if head is not None and (int(head) < 1 or stack):
+            raise ValueError(f"head needs >= 1 channels and no stack, got head {head}, stack {stack}")
         down = {int(d) for d in downsample}
         if any(d < 2 or d > n_layers for d in down):
             raise ValueError(f"downsample lists layers 2..{n_layers} that use stride 2, got {sorted(down)}")
@@ -474,14 +481,23 @@ class SmallCNN(nn.Module):
         for i in range(1, n):
             blocks.append(ConvBlock(chans[i - 1], chans[i], kernel, stride=2 if (i + 1) in down else 1, activation=activation))
         self.blocks = nn.ModuleList(blocks)
+        self.head = nn.Conv2d(chans[-1], int(head), 1) if head is not None and n == n_layers else None
         self.stack = bool(stack)
         self.smooth = float(smooth)
+
+    def truncate(self, upto: int) -> None:
+        """Keep the first ``upto`` layers (the head only when all of them are kept)."""
+        if upto < len(self.blocks):
+            self.head = None
+        self.blocks = self.blocks[:upto]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         outs = []
         for b in self.blocks:
             x = b(x)
             outs.append(x)
+        if self.head is not None:
+            return self.head(x)
         return torch.cat(outs, dim=1) if self.stack else x
 
     def regularizer(self) -> torch.Tensor:
@@ -522,6 +538,7 @@ def build_small_cnn(
     activation: str = "silu",
     stack: bool = False,
     smooth: float = 0.0,
+    head: int | None = None,
 ) -> Backbone:
     """A small core trained from scratch (see :class:`SmallCNN`); input resized to 64 px.
 
@@ -533,13 +550,15 @@ def build_small_cnn(
         n_layers=int(n_layers), first_kernel=int(first_kernel), kernel=int(kernel), stride=int(stride),
         downsample=[int(d) for d in downsample], activation=str(activation), stack=bool(stack), smooth=float(smooth),
     )
+    if head is not None:
+        arch["head"] = int(head)
     upto = _small_cnn_layer(layer, arch["n_layers"])
     core = SmallCNN(in_channels, **arch)
     weights = str(weights)
     if weights.lower() != "none":
         obj = load_checkpoint_file(weights, what="small_cnn")
         load_state_dict_checked(core, state_dict_from(obj, path=weights, what="small_cnn"), path=weights, what="small_cnn")
-    core.blocks = core.blocks[:upto]
+    core.truncate(upto)
     size = SMALL_CNN_INPUT_SIZE if input_size is None else input_size
     return Backbone(
         core,
@@ -577,7 +596,7 @@ def build_pretrained_core(
     size = obj.get("input_size") if input_size is None else input_size
     core = SmallCNN(core_channels, **arch)
     load_state_dict_checked(core, state_dict_from(obj, path=weights, what="pretrained_core"), path=weights, what="the saved core")
-    core.blocks = core.blocks[:upto]
+    core.truncate(upto)
     return Backbone(
         core,
         name="pretrained_core",

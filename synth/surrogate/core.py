@@ -117,6 +117,25 @@ class CoreConfig:
                   "over the target's own cell of the core's features: cheap) or factorized (a learned mask per target, like "
                   "the sessions': about 2.2x the time per epoch (the cell readout: 1.5x) with layers3-4 on a 3 x 3 grid)"},
     )
+    objective: str = field(
+        default="responses",
+        metadata={"choices": ("responses", "teacher_maps"), "help": "responses: the core learns the core sessions' recorded "
+                  "responses (one readout each) and the teachers' labels; teacher_maps: a student core whose output (a 1x1 "
+                  "head after its last layer) reproduces the distill_twins teachers' hidden maps (teacher_layers) on "
+                  "distill_images images of the core sessions: twin-like features for a readout at a small CNN's cost "
+                  "(synth.surrogate.student; mean squared error on the maps, the best epoch by validation R^2 kept: "
+                  "loss, readout and patience are not used)"},
+    )
+    teacher_layers: str = field(
+        default="layers2-4",
+        metadata={"help": "objective teacher_maps: the teachers' layers whose 28 x 28 maps the student reproduces (layer2, "
+                  "layer3, layer4 or layersA-B, as for backbone cowley_twins)"},
+    )
+    teacher_components: int = field(
+        default=256,
+        metadata={"min": 0, "help": "objective teacher_maps: principal components of the teachers' standardized channels "
+                  "the student reproduces (its head's channels; 0: every channel, e.g. 502 for 190923's 33 twins' layers 2-4)"},
+    )
     backbone_kwargs: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "small_cnn arguments (channels, n_layers, first_kernel, ...)"}
     )
@@ -164,7 +183,36 @@ class CoreConfig:
                     f"unknown layer {self.distill_features!r}; expected none, layer2, layer3, layer4 or layersA-B with 2 <= A <= B <= 4",
                     key="distill_features",
                 ) from None
+        if self.objective == "teacher_maps":
+            self._check_student()
         self.fit_config()  # validates backbone_kwargs and readout
+
+    def _check_student(self) -> None:
+        """``objective: teacher_maps`` takes teachers and none of the response-training options."""
+        from synth.surrogate.twin_backbone import parse_twin_layers
+
+        if self.distill_twins == "none" or self.distill_twins == ():
+            raise ConfigError("objective teacher_maps needs teachers: set distill_twins to auto or a list of other sessions", key="distill_twins")
+        try:
+            parse_twin_layers(self.teacher_layers)
+        except ConfigError:
+            raise ConfigError(
+                f"unknown layer {self.teacher_layers!r}; expected layer2, layer3, layer4 or layersA-B with 2 <= A <= B <= 4", key="teacher_layers"
+            ) from None
+        if "head" in self.backbone_kwargs:
+            raise ConfigError("the student's head is set by teacher_components, not backbone_kwargs", key="backbone_kwargs.head")
+        unused = {
+            "augment_shift": (self.augment_shift, 0, "shifts would move the images but not the teachers' maps"),
+            "distill_noise_images": (self.distill_noise_images, 0, "a response-training option"),
+            "distill_synth_images": (self.distill_synth_images, 0, "a response-training option"),
+            "distill_jacobian": (self.distill_jacobian, 0.0, "a response-training option"),
+            "distill_features": (self.distill_features, "none", "use teacher_layers"),
+            "adversarial_eps": (self.adversarial_eps, 0.0, "a response-training option"),
+            "lr_schedule": (self.lr_schedule, "cosine", "the student's rate is annealed on a cosine, the best epoch kept"),
+        }
+        for key, (value, default, why) in unused.items():
+            if value != default:
+                raise ConfigError(f"objective teacher_maps takes {key}: {default} ({why}), got {value!r}", key=key)
 
     def fit_config(self):
         """The :class:`~synth.surrogate.fit.FitConfig` handed to ``fit_core``."""
@@ -316,6 +364,15 @@ def plan_core(cc: CoreConfig, *, root: str | os.PathLike | None = None, evaluate
         cfg_d.pop("distill_jacobian_from_epoch", None)  # keeps the keys of cores trained before the option
     else:
         cfg_d["jacobian_epoch_selection"] = "matched epochs only"  # since 2026-12-05 (was: any epoch)
+    if cfg_d.get("objective") == "responses":
+        for k in ("objective", "teacher_layers", "teacher_components"):
+            cfg_d.pop(k, None)  # keeps the keys of cores trained before the option existed
+    elif not teachers:
+        raise ConfigError(
+            f"objective teacher_maps needs other sessions' digital twins under {root}; none found but the evaluated session's "
+            f"(sessions with twins: {', '.join(with_twins) or 'none'})",
+            key="fit.core.distill_twins",
+        )
     if not cfg_d.get("adversarial_eps"):
         cfg_d.pop("adversarial_eps", None)  # likewise
     if not teachers or cfg_d.get("distill_features") == "none":
@@ -384,12 +441,10 @@ def training_sets(plan: CorePlan, *, device: torch.device | str = "cpu") -> tupl
         log.info("core data: session %s, %d images, %d sites", s, x.shape[0], y.shape[1])
     teacher_info: dict[str, Any] = {}
     if plan.teachers:
-        pool = torch.cat([native[s] for s in plan.sessions])
-        origin = np.concatenate([[f"{s}:{i}" for i in range(native[s].shape[0])] for s in plan.sessions])
-        rng = np.random.default_rng(derive_seed(plan.seed, "core-distill"))
-        n = min(int(cc.distill_images), pool.shape[0])
-        idx = np.sort(rng.choice(pool.shape[0], size=n, replace=False))
-        x_sel = pool[torch.as_tensor(idx)]
+        x_sel, image_sessions = distill_selection(plan, native)
+        # the whole pool again only where noise or synthesized images are drawn from it
+        pool = torch.cat([native[s] for s in plan.sessions]) if cc.distill_noise_images or cc.distill_synth_images else x_sel
+        n = x_sel.shape[0]
         if cc.distill_noise_images:
             x_sel = torch.cat([x_sel, noise_images(int(cc.distill_noise_images), pool, derive_seed(plan.seed, "core-distill-noise"))])
         recs = {t: source.teacher(t, device) for t in plan.teachers}
@@ -430,7 +485,7 @@ def training_sets(plan: CorePlan, *, device: torch.device | str = "cpu") -> tupl
                 "n_synth_images": int(sum(n_synth.values())),
                 "synthesized_on_own_twins": int(n_synth.get(t, 0)),
                 "synth_seconds": synth_seconds.get(t, 0.0),
-                "image_sessions": sorted({o.split(":")[0] for o in origin[idx]}),
+                "image_sessions": image_sessions,
                 "calibration_median_r": rec_t.info.get("median_r"),
                 "label_seconds": round(time.perf_counter() - t0, 1),
             }
@@ -444,6 +499,64 @@ def training_sets(plan: CorePlan, *, device: torch.device | str = "cpu") -> tupl
                 log.info("core data: twins of %s gave %d feature targets (%s, %d x %d cells) on %d images, in the labels' pass",
                          t, f_t.shape[1], cc.distill_features, cc.distill_features_grid, cc.distill_features_grid, f_t.shape[0])
     return datasets, names, {"sessions": counts, "teachers": teacher_info}
+
+
+def student_set(plan: CorePlan, *, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """A student core's data (``objective: teacher_maps``): the distillation images and the
+    teachers' maps on them (:func:`~synth.surrogate.student.teacher_map_targets`).
+
+    Returns:
+        ``(images, maps, info)``: images at ``input_size`` in the plan's image mode, the
+        maps ``(N, K, 28, 28)`` bfloat16, and what they are (for the core's info).
+    """
+    from synth.surrogate.student import teacher_map_targets
+    from synth.surrogate.twin_backbone import parse_twin_layers
+
+    if plan.evaluated in plan.sessions or plan.evaluated in plan.teachers:
+        raise DataError(f"core plan includes the evaluated session {plan.evaluated}")
+    cc = plan.config
+    native = {s: plan.source.load(s)[0] for s in plan.sessions}
+    x_sel, image_sessions = distill_selection(plan, native)
+    del native
+    x_mode = plan.source.in_mode(x_sel, plan.grayscale)  # the teachers see what the student sees
+    t0 = time.perf_counter()
+    ensembles = [plan.source.teacher(t, device).ensemble for t in plan.teachers]
+    targets = teacher_map_targets(ensembles, x_mode, parse_twin_layers(cc.teacher_layers), int(cc.teacher_components))
+    seconds = round(time.perf_counter() - t0, 1)
+    log.info(
+        "core data: the twins of %s gave %d channels (%s) on %d images, kept as %d components (%.0f%% of their variance; %.0f s)",
+        ", ".join(plan.teachers), targets.n_channels, cc.teacher_layers, x_sel.shape[0], targets.maps.shape[1], 100 * targets.explained, seconds,
+    )
+    info = {
+        "teachers": {t: {"n_twins": int(e.n_twins)} for t, e in zip(plan.teachers, ensembles)},
+        "n_images": int(x_sel.shape[0]),
+        "image_sessions": image_sessions,
+        "teacher_layers": cc.teacher_layers,
+        "teacher_channels": targets.n_channels,
+        "components": int(targets.maps.shape[1]),
+        "explained_variance": round(targets.explained, 4),
+        "map_seconds": seconds,
+    }
+    return _resize(x_mode, int(cc.input_size)), targets.maps, info
+
+
+def distill_selection(plan: CorePlan, native: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, list[str]]:
+    """The distillation images: ``distill_images`` of the core sessions' natural images, a
+    seeded choice (at most all of them).
+
+    Args:
+        plan: from ``plan_core``.
+        native: session -> its images at the native size (RGB, the twins' input).
+
+    Returns:
+        ``(images, sessions)``: ``(n, 3, H, W)`` and the sessions they come from (sorted).
+    """
+    pool = torch.cat([native[s] for s in plan.sessions])
+    origin = np.concatenate([[s] * native[s].shape[0] for s in plan.sessions])
+    rng = np.random.default_rng(derive_seed(plan.seed, "core-distill"))
+    n = min(int(plan.config.distill_images), pool.shape[0])
+    idx = np.sort(rng.choice(pool.shape[0], size=n, replace=False))
+    return pool[torch.as_tensor(idx)], sorted({str(o) for o in origin[idx]})
 
 
 def teacher_targets(recorder, images: torch.Tensor, layers: str, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -675,17 +788,27 @@ def ensure_core(plan: CorePlan, *, device: torch.device | str = "cpu") -> tuple[
         ", ".join(plan.sessions), plan.evaluated, ", ".join(plan.teachers) or "none", plan.path,
     )
     t0 = time.perf_counter()
-    datasets, names, data_info = training_sets(plan, device=device)
-    jacobians = jacobian_targets(plan, datasets, names, device=device)
-    load_s = time.perf_counter() - t0
     cc = plan.config
+    student = cc.objective == "teacher_maps"
+    if student:
+        images, maps, data_info = student_set(plan, device=device)
+    else:
+        datasets, names, data_info = training_sets(plan, device=device)
+        jacobians = jacobian_targets(plan, datasets, names, device=device)
+    load_s = time.perf_counter() - t0
     # The limit is for the whole stage: what loading and labelling took comes off training.
     max_s = None if cc.max_minutes is None else max(0.0, float(cc.max_minutes) * 60.0 - load_s)
-    core, rep = fit_core(
-        datasets, cc.fit_config(), device=device, seed=plan.seed, names=names, max_seconds=max_s, precision=cc.precision,
-        adversarial_eps=cc.adversarial_eps, jacobians=jacobians, jacobian_from_epoch=cc.distill_jacobian_from_epoch,
-        readouts=feature_readouts(cc, names),
-    )
+    if student:
+        from synth.surrogate.student import fit_student
+
+        core, rep = fit_student(images, maps, cc, in_channels=images.shape[1], device=device, seed=plan.seed, max_seconds=max_s)
+        rep = {**rep, "mean_val_median_r": None, "val_median_r": {}}
+    else:
+        core, rep = fit_core(
+            datasets, cc.fit_config(), device=device, seed=plan.seed, names=names, max_seconds=max_s, precision=cc.precision,
+            adversarial_eps=cc.adversarial_eps, jacobians=jacobians, jacobian_from_epoch=cc.distill_jacobian_from_epoch,
+            readouts=feature_readouts(cc, names),
+        )
     from synth.configtools import to_dict
 
     info = {
@@ -699,8 +822,10 @@ def ensure_core(plan: CorePlan, *, device: torch.device | str = "cpu") -> tuple[
         "grayscale": plan.grayscale,
         "seed": plan.seed,
         "checksums": dict(plan.checksums),
+        "objective": cc.objective,
         "mean_val_median_r": rep["mean_val_median_r"],
         "val_median_r": rep["val_median_r"],
+        **({"val_r2": rep["val_r2"], "val_r2_history": rep["val_r2_history"]} if student else {}),
         "epochs_run": rep["epochs_run"],
         "best_epoch": rep["best_epoch"],
         "stopped_by_time_limit": rep.get("stopped_by_time_limit", False),
@@ -721,7 +846,8 @@ def ensure_core(plan: CorePlan, *, device: torch.device | str = "cpu") -> tuple[
     tmp_info = folder / f".{CORE_INFO}.{os.getpid()}.tmp"
     tmp_info.write_text(json.dumps(info, indent=2, default=_json_default) + "\n")
     os.replace(tmp_info, plan.path.with_name(CORE_INFO))
-    log.info("core: trained in %.0f s (mean val median r %.3f), cached at %s", info["total_seconds"], info["mean_val_median_r"], plan.path)
+    fit_s = f"val R^2 of the teachers' maps {info['val_r2']:.3f}" if student else f"mean val median r {info['mean_val_median_r']:.3f}"
+    log.info("core: trained in %.0f s (%s), cached at %s", info["total_seconds"], fit_s, plan.path)
     return plan.path, {**info, "cache": "miss", "path": str(plan.path)}
 
 
@@ -736,7 +862,7 @@ def _json_default(o: Any) -> Any:
 def core_summary(info: Mapping[str, Any]) -> dict[str, Any]:
     """The part of a core's info that goes into report.json / provenance.json."""
     keys = (
-        "cache", "path", "key", "sessions", "excluded_session", "excluded", "distill_twins", "mean_val_median_r",
+        "cache", "path", "key", "sessions", "excluded_session", "excluded", "distill_twins", "objective", "val_r2", "mean_val_median_r",
         "val_median_r", "epochs_run", "best_epoch", "stopped_by_time_limit", "schedule_epochs", "precision", "adversarial_eps", "jacobian_cosine", "train_seconds",
         "total_seconds", "data",
     )

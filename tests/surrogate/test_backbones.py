@@ -37,6 +37,23 @@ def test_small_cnn_layers_truncate():
     assert layer_names("small_cnn", n_layers=3) == ["conv1", "conv2", "conv3", "out"]
 
 
+def test_small_cnn_head_is_a_linear_projection_of_the_last_layer_only():
+    bb = build_backbone("small_cnn", in_channels=3, input_size=0, kwargs={"channels": 4, "n_layers": 3, "head": 7}, seed=0)
+    assert bb.build_spec["kwargs"]["head"] == 7 and bb.out_shape(32, 3) == (7, 8, 8)
+    x = torch.rand(2, 3, 32, 32)
+    body = bb.body
+    h = bb.preprocess(x)
+    for b in body.blocks:
+        h = b(h)
+    torch.testing.assert_close(bb(x), torch.nn.functional.conv2d(h, body.head.weight, body.head.bias))
+    inner = build_backbone("small_cnn", layer="conv2", in_channels=3, input_size=0, kwargs={"channels": 4, "n_layers": 3, "head": 7}, seed=0)
+    assert inner.body.head is None and inner.out_shape(32, 3) == (4, 8, 8)  # an inner layer has no head
+    plain = build_backbone("small_cnn", in_channels=3, input_size=0, kwargs={"channels": 4, "n_layers": 3}, seed=0)
+    assert "head" not in plain.build_spec["kwargs"] and plain.body.head is None  # old cores' architectures unchanged
+    with pytest.raises(ConfigError, match="backbone_kwargs"):
+        build_backbone("small_cnn", in_channels=3, kwargs={"head": 0})
+
+
 def test_small_cnn_seeded_init():
     a = build_backbone("small_cnn", kwargs={"channels": 4}, seed=3)
     b = build_backbone("small_cnn", kwargs={"channels": 4}, seed=3)

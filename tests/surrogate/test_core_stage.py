@@ -599,6 +599,22 @@ def test_twins_config_builds_on_the_closed_loop_config():
     assert config_files(path) == [str(path), str(path.parent / "cowley2023_closed_loop.yaml")]
 
 
+def test_student_config_builds_on_the_closed_loop_config():
+    from synth.config import config_files, load_config
+
+    repo = Path(__file__).resolve().parents[2]
+    path = repo / "configs" / "cowley2023_closed_loop_student.yaml"
+    base = load_config(repo / "configs" / "cowley2023_closed_loop.yaml")
+    cfg = load_config(path, ["target.session=190923"])
+    members = cfg.fit.members()
+    assert [m.backbone for m in members] == ["pretrained_core"] * 3 and [m.weights for m in members] == ["auto"] * 3
+    assert members[:2] == base.fit.members()  # the shipped pair as in the base file
+    st = members[2].core
+    assert st.objective == "teacher_maps" and st.distill_twins == "auto" and st.augment_shift == 0 and st.input_size == 112
+    assert members[2].lr == 0.002 and cfg.synthesis == base.synthesis and cfg.stimuli == base.stimuli
+    assert config_files(path) == [str(path), str(path.parent / "cowley2023_closed_loop.yaml")]
+
+
 # --------------------------------------------------------------------------- real data
 
 
@@ -612,3 +628,105 @@ def test_real_plan_uses_other_sessions_and_other_twins(evaluated, other, tmp_pat
     assert evaluated not in plan.sessions and set(plan.sessions) == set(present) - {evaluated}
     assert plan.teachers == (other,)
     assert not any(k.startswith(f"{evaluated}/") for k in plan.checksums)
+
+
+# --------------------------------------------------------------------------- student cores
+STUDENT = {"distill_twins": "auto", "objective": "teacher_maps", "augment_shift": 0, "teacher_components": 3}
+
+
+def test_student_config_takes_teachers_and_no_response_options():
+    assert _cc(**STUDENT).objective == "teacher_maps" and _cc().objective == "responses"
+    with pytest.raises(ConfigError, match=r"^distill_twins: objective teacher_maps needs teachers"):
+        _cc(objective="teacher_maps")
+    with pytest.raises(ConfigError, match=r"^augment_shift: objective teacher_maps takes augment_shift: 0 \(shifts would move"):
+        _cc(**{**STUDENT, "augment_shift": 2})
+    with pytest.raises(ConfigError, match=r"^distill_features: objective teacher_maps takes distill_features: none"):
+        _cc(**STUDENT, distill_features="layer4")
+    with pytest.raises(ConfigError, match=r"^lr_schedule: objective teacher_maps takes lr_schedule: cosine"):
+        _cc(**STUDENT, lr_schedule="plateau")
+    with pytest.raises(ConfigError, match=r"^teacher_layers: unknown layer 'layer5'"):
+        _cc(**STUDENT, teacher_layers="layer5")
+    with pytest.raises(ConfigError, match=r"^backbone_kwargs.head: the student's head is set by teacher_components"):
+        _cc(**{**STUDENT, "backbone_kwargs": {"channels": 4, "n_layers": 2, "head": 3}})
+    with pytest.raises(ConfigError, match="objective"):
+        _cc(objective="maps")
+
+
+def test_student_cache_key(fake_root, cache):
+    def key(**kw):
+        return plan_core(_cc(**kw), root=fake_root, evaluated="c3", grayscale=False, seed=0).key
+
+    base = key(distill_twins="auto")
+    assert key(distill_twins="auto", teacher_layers="layer4", teacher_components=7) == base  # unused by a response core: old keys kept
+    st = key(**STUDENT)
+    assert st != base
+    assert key(**{**STUDENT, "teacher_components": 4}) != st and key(**STUDENT, teacher_layers="layer4") != st
+
+
+def test_student_targets_are_the_other_sessions_twins_standardized_maps(fake_root, cache):
+    from synth.surrogate.twin_backbone import build_cowley_twins
+
+    plan = plan_core(_cc(**{**STUDENT, "teacher_components": 0}), root=fake_root, evaluated="c3", grayscale=False, seed=0)
+    x, maps, info = core_mod.student_set(plan)
+    assert x.shape == (10, 3, 16, 16) and maps.shape == (10, 12, 28, 28)  # a1's 2 twins x layers 2-4 x 2 channels
+    assert info["teachers"] == {"a1": {"n_twins": 2}} and info["teacher_channels"] == 12 and info["components"] == 12
+    assert "c3" not in info["image_sessions"] and info["n_images"] == 10
+    native = {s: cowley.load_session(fake_root, s, image_size=cowley.NATIVE_SIZE, grayscale=False)[1] for s in plan.sessions}
+    images, _ = core_mod.distill_selection(plan, native)
+    f = build_cowley_twins(root=str(fake_root), sessions=["a1"], layer="layers2-4")(images).detach().double()
+    flat = f.permute(0, 2, 3, 1).reshape(-1, 12)
+    want = (f - flat.mean(0).view(1, -1, 1, 1)) / flat.std(0).clamp_min(1e-3).view(1, -1, 1, 1)
+    torch.testing.assert_close(maps.double(), want, rtol=2e-2, atol=2e-2)
+    # a grayscale experiment's student sees luminance, and so do its teachers
+    gray = plan_core(_cc(**{**STUDENT, "teacher_components": 0}), root=fake_root, evaluated="c3", grayscale=True, seed=0)
+    xg, mg, _ = core_mod.student_set(gray)
+    assert xg.shape == (10, 1, 16, 16) and mg.shape == maps.shape and not torch.equal(mg, maps)
+
+
+def test_student_core_learns_only_other_sessions_and_is_reused(fake_root, cache, monkeypatch):
+    from synth.surrogate.backbones import build_backbone
+
+    loaded: list[str] = []
+    teachers: list[str] = []
+    real_load, real_teacher = cowley.load_session, CowleySessions.teacher
+
+    def spy_load(root, session, **kw):
+        loaded.append(str(session))
+        return real_load(root, session, **kw)
+
+    def spy_teacher(self, session, device="cpu"):
+        teachers.append(str(session))
+        return real_teacher(self, session, device)
+
+    monkeypatch.setattr(cowley, "load_session", spy_load)
+    monkeypatch.setattr(CowleySessions, "teacher", spy_teacher)
+    plan = plan_core(_cc(**STUDENT), root=fake_root, evaluated="c3", grayscale=False, seed=0)
+    path, info = ensure_core(plan)
+    assert "c3" not in loaded and teachers == ["a1"]
+    assert info["cache"] == "miss" and info["objective"] == "teacher_maps" and info["mean_val_median_r"] is None
+    assert info["data"]["components"] == 3 and len(info["val_r2_history"]) == info["epochs_run"] == 1
+    summary = core_summary(info)
+    assert summary["objective"] == "teacher_maps" and summary["val_r2"] == info["val_r2"]
+    bb = build_backbone("pretrained_core", weights=str(path), in_channels=3)
+    assert bb.out_shape(112, 3) == (3, 8, 8)  # the head's 3 components at the 16 px student's output
+
+    def no_training(*a, **k):
+        raise AssertionError("the cached student should have been reused")
+
+    monkeypatch.setattr("synth.surrogate.student.fit_student", no_training)
+    path2, info2 = ensure_core(plan_core(_cc(**STUDENT), root=fake_root, evaluated="c3", grayscale=False, seed=0))
+    assert info2["cache"] == "hit" and path2 == path
+
+
+def test_student_member_in_the_closed_loop(fake_root, cache, tmp_path):
+    from synth.pipeline import run_pipeline
+    from synth.surrogate.model import Surrogate
+
+    cfg = _core_stage_config(fake_root, ensemble=[{"core": STUDENT, "lr": 0.002}])
+    out = run_pipeline(cfg, out=str(tmp_path / "run"))
+    rep = json.loads((out / "report.json").read_text())
+    main, member = rep["core"], rep["ensemble_cores"][0]
+    assert main["objective"] == "responses" and member["objective"] == "teacher_maps"
+    assert member["distill_twins"] == ["a1"] and member["excluded_session"] == "c3" and member["key"] != main["key"]
+    assert len(rep["fit"]["ensemble"]) == 2
+    assert Surrogate.load(out / "surrogate_member1.pt").backbone.out_shape(112, 3)[0] == 3
