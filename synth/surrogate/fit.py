@@ -1029,16 +1029,7 @@ def fit_core(
     if best_state is not None:
         backbone.load_state_dict(best_state[0])
         readouts.load_state_dict(best_state[1])
-    body = backbone.body
-    core = {
-        "format": CORE_FORMAT,
-        "arch": dict(backbone.build_spec["kwargs"]),
-        "in_channels": in_channels,
-        "input_size": backbone.input_size or 0,
-        "mean": backbone.preprocessing["mean"],
-        "std": backbone.preprocessing["std"],
-        "state_dict": {k: v.detach().cpu().contiguous().clone() for k, v in body.state_dict().items()},
-    }
+    core = core_checkpoint(backbone, in_channels)
     log.info("shared core: mean val median r %.3f after %d epochs (best %d), %.0f s", best_score, epoch + 1, best_epoch, time.perf_counter() - t0)
     report = {
         "sessions": names,
@@ -1057,6 +1048,20 @@ def fit_core(
         "n_val": {s["name"]: int(s["x_va"].shape[0]) for s in sessions},
     }
     return core, report
+
+
+def core_checkpoint(backbone: nn.Module, in_channels: int) -> dict[str, Any]:
+    """A trained ``small_cnn`` backbone as a core file's contents (:data:`CORE_FORMAT`:
+    architecture, preprocessing and weights; ``backbone: pretrained_core`` loads it)."""
+    return {
+        "format": CORE_FORMAT,
+        "arch": dict(backbone.build_spec["kwargs"]),
+        "in_channels": int(in_channels),
+        "input_size": backbone.input_size or 0,
+        "mean": backbone.preprocessing["mean"],
+        "std": backbone.preprocessing["std"],
+        "state_dict": {k: v.detach().cpu().contiguous().clone() for k, v in backbone.body.state_dict().items()},
+    }
 
 
 def save_core(core: Mapping[str, Any], path: str) -> None:

@@ -151,8 +151,8 @@ def fit_student(
         (``backbone: pretrained_core`` loads it, head included); ``report`` with the
         validation R^2 per epoch (``val_r2``), ``best_epoch``, ``epochs_run``...
     """
-    from synth.surrogate.backbones import CORE_FORMAT, build_backbone
-    from synth.surrogate.fit import _cosine, _plan_epochs, split_indices
+    from synth.surrogate.backbones import build_backbone
+    from synth.surrogate.fit import _cosine, _plan_epochs, core_checkpoint, split_indices
 
     device = resolve_device(device)
     precision = resolve_precision(cc.precision, device)
@@ -225,15 +225,7 @@ def fit_student(
             break
     if best_state is not None:
         backbone.body.load_state_dict(best_state)
-    core = {
-        "format": CORE_FORMAT,
-        "arch": dict(backbone.build_spec["kwargs"]),
-        "in_channels": in_channels,
-        "input_size": backbone.input_size or 0,
-        "mean": backbone.preprocessing["mean"],
-        "std": backbone.preprocessing["std"],
-        "state_dict": {kk: v.detach().cpu().contiguous().clone() for kk, v in backbone.body.state_dict().items()},
-    }
+    core = core_checkpoint(backbone, in_channels)
     report = {
         "val_r2": round(best, 5),
         "val_r2_history": history,

@@ -360,20 +360,28 @@ def test_pipeline_on_cuda_runs_the_twins_on_cuda(fake_root, cache, tmp_path, mon
 # --------------------------------------------------------------------------- training + cache
 
 
-def test_core_never_loads_evaluated_session_and_cache_is_reused(fake_root, cache, monkeypatch):
+def _spy_session_loads(monkeypatch) -> list[str]:
+    """The sessions whose images and responses are loaded from now on, in order."""
     loaded: list[str] = []
-    twin_sessions_loaded: list[str] = []
-    real_load, real_twins = cowley.load_session, twins.load_twins
+    real_load = cowley.load_session
 
     def spy_load(root, session, **kw):
         loaded.append(str(session))
         return real_load(root, session, **kw)
 
+    monkeypatch.setattr(cowley, "load_session", spy_load)
+    return loaded
+
+
+def test_core_never_loads_evaluated_session_and_cache_is_reused(fake_root, cache, monkeypatch):
+    loaded = _spy_session_loads(monkeypatch)
+    twin_sessions_loaded: list[str] = []
+    real_twins = twins.load_twins
+
     def spy_twins(root, session, **kw):
         twin_sessions_loaded.append(str(session))
         return real_twins(root, session, **kw)
 
-    monkeypatch.setattr(cowley, "load_session", spy_load)
     monkeypatch.setattr(twins, "load_twins", spy_twins)
     plan = plan_core(_cc(distill_twins="auto"), root=fake_root, evaluated="c3", grayscale=False, seed=3)
     path, info = ensure_core(plan)
@@ -584,35 +592,34 @@ def test_twin_feature_member_uses_only_the_other_sessions_twins(fake_root, cache
     assert not (tmp_path / "refused").exists() and not list(tmp_path.glob("refused*"))
 
 
-def test_twins_config_builds_on_the_closed_loop_config():
+def _extends_closed_loop(name: str):
+    """A config built on the shipped closed loop (``base:``): its members and the base's; the
+    rest as in the base file."""
     from synth.config import config_files, load_config
 
     repo = Path(__file__).resolve().parents[2]
-    path = repo / "configs" / "cowley2023_closed_loop_twins.yaml"
+    path = repo / "configs" / f"{name}.yaml"
     base = load_config(repo / "configs" / "cowley2023_closed_loop.yaml")
     cfg = load_config(path, ["target.session=190923"])
-    members = cfg.fit.members()
+    assert cfg.synthesis == base.synthesis and cfg.stimuli == base.stimuli and cfg.name == name
+    assert config_files(path) == [str(path), str(path.parent / "cowley2023_closed_loop.yaml")]
+    return cfg.fit.members(), base.fit.members()
+
+
+def test_twins_config_builds_on_the_closed_loop_config():
+    members, base = _extends_closed_loop("cowley2023_closed_loop_twins")
     assert [m.backbone for m in members] == ["pretrained_core", "pretrained_core", "cowley_twins"]
     assert members[2].core is None and members[2].backbone_kwargs == {"root": "auto", "sessions": "auto"}
-    assert members[1] == base.fit.members()[1]  # the small core as in the base file
-    assert cfg.synthesis == base.synthesis and cfg.stimuli == base.stimuli and cfg.name == "cowley2023_closed_loop_twins"
-    assert config_files(path) == [str(path), str(path.parent / "cowley2023_closed_loop.yaml")]
+    assert members[1] == base[1]  # the small core as in the base file
 
 
 def test_student_config_builds_on_the_closed_loop_config():
-    from synth.config import config_files, load_config
-
-    repo = Path(__file__).resolve().parents[2]
-    path = repo / "configs" / "cowley2023_closed_loop_student.yaml"
-    base = load_config(repo / "configs" / "cowley2023_closed_loop.yaml")
-    cfg = load_config(path, ["target.session=190923"])
-    members = cfg.fit.members()
+    members, base = _extends_closed_loop("cowley2023_closed_loop_student")
     assert [m.backbone for m in members] == ["pretrained_core"] * 3 and [m.weights for m in members] == ["auto"] * 3
-    assert members[:2] == base.fit.members()  # the shipped pair as in the base file
+    assert members[:2] == base  # the shipped pair as in the base file
     st = members[2].core
     assert st.objective == "teacher_maps" and st.distill_twins == "auto" and st.augment_shift == 0 and st.input_size == 112
-    assert members[2].lr == 0.002 and cfg.synthesis == base.synthesis and cfg.stimuli == base.stimuli
-    assert config_files(path) == [str(path), str(path.parent / "cowley2023_closed_loop.yaml")]
+    assert members[2].lr == 0.002
 
 
 # --------------------------------------------------------------------------- real data
@@ -686,19 +693,14 @@ def test_student_targets_are_the_other_sessions_twins_standardized_maps(fake_roo
 def test_student_core_learns_only_other_sessions_and_is_reused(fake_root, cache, monkeypatch):
     from synth.surrogate.backbones import build_backbone
 
-    loaded: list[str] = []
+    loaded = _spy_session_loads(monkeypatch)
     teachers: list[str] = []
-    real_load, real_teacher = cowley.load_session, CowleySessions.teacher
-
-    def spy_load(root, session, **kw):
-        loaded.append(str(session))
-        return real_load(root, session, **kw)
+    real_teacher = CowleySessions.teacher
 
     def spy_teacher(self, session, device="cpu"):
         teachers.append(str(session))
         return real_teacher(self, session, device)
 
-    monkeypatch.setattr(cowley, "load_session", spy_load)
     monkeypatch.setattr(CowleySessions, "teacher", spy_teacher)
     plan = plan_core(_cc(**STUDENT), root=fake_root, evaluated="c3", grayscale=False, seed=0)
     path, info = ensure_core(plan)
