@@ -86,13 +86,21 @@ def teacher_map_targets(
     n = images.shape[0]
     first = _teacher_maps(ensembles, images[: min(fit_images, n)], layers)
     c = first.shape[1]
-    flat = first.permute(0, 2, 3, 1).reshape(-1, c).double()
-    mean = flat.mean(dim=0)
-    std = flat.std(dim=0).clamp_min(1e-3)
-    z = (flat - mean) / std
+    # the channels' sums and cross-products in float64, a few images at a time (the
+    # positions of 512 images times 1756 channels would take 5.6 GB at once)
+    s1 = torch.zeros(c, dtype=torch.float64)
+    s2 = torch.zeros(c, c, dtype=torch.float64)
+    for block in first.split(8):
+        rows = block.permute(0, 2, 3, 1).reshape(-1, c).double()
+        s1 += rows.sum(dim=0)
+        s2 += rows.T @ rows
+    m = first.shape[0] * first.shape[2] * first.shape[3]
+    mean = s1 / m
+    cov = (s2 - m * torch.outer(mean, mean)) / max(1, m - 1)
+    std = cov.diagonal().clamp_min(0).sqrt().clamp_min(1e-3)
     if components and components < c:
-        cov = z.T @ z / max(1, z.shape[0] - 1)
-        evals, evecs = torch.linalg.eigh(cov)
+        corr = cov / torch.outer(std, std)  # the standardized channels' covariance
+        evals, evecs = torch.linalg.eigh(corr)
         order = torch.argsort(evals, descending=True)[:components]
         proj = evecs[:, order]
         kept = evals[order].clamp_min(0)
@@ -116,7 +124,7 @@ def teacher_map_targets(
     return MapTargets(out, int(c), explained)
 
 
-def _r2(pred: torch.Tensor, target: torch.Tensor) -> tuple[float, float]:
+def _squares(pred: torch.Tensor, target: torch.Tensor) -> tuple[float, float]:
     """(sum of squared errors, sum of squares of the centred target) of a batch."""
     t = target.float()
     return float((pred.float() - t).pow(2).sum()), float(t.pow(2).sum())
@@ -181,7 +189,7 @@ def fit_student(
         with torch.no_grad(), autocast(precision, device):
             for b in va.split(bs * 2):
                 p = backbone(images[b].to(device, memory_format=cl))
-                e, s = _r2(p, targets[b].to(device))
+                e, s = _squares(p, targets[b].to(device))
                 sse, sst = sse + e, sst + s
         backbone.train()
         return 1.0 - sse / max(sst, 1e-12)
