@@ -71,7 +71,8 @@ def teacher_map_targets(
 
     The per-channel mean and standard deviation and the principal components are taken
     over the positions of the first ``fit_images`` images (the channels' covariance in
-    float64); every image is then projected. Memory stays at one chunk of full maps.
+    float64); every image is then projected. Memory: the first ``fit_images`` images' full
+    maps, then one chunk of ``TEACHER_CHUNK`` images at a time.
 
     Args:
         ensembles: the teachers' :class:`~synth.populations.twins.TwinEnsemble` s.
