@@ -468,13 +468,17 @@ def _cosine(opt: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_sche
     return sched
 
 
-def _plan_epochs(durations: Sequence[float], elapsed: float, max_seconds: float, epochs: int, planned: int) -> tuple[int, bool]:
+def _plan_epochs(
+    durations: Sequence[float], elapsed: float, max_seconds: float, epochs: int, planned: int, what: str = "shared core"
+) -> tuple[int, bool]:
     """How many epochs fit a training time limit, after ``len(durations)`` epochs.
 
     The estimate is the (lower) median of the last five epochs, so one slow epoch (a load spike)
     does not cut the schedule for good; the plan may grow back (never past ``epochs``)
     when epochs get faster. Training stops when the plan is reached or when the next
     epoch, judged by the slowest of the last five, would end past the limit.
+
+    ``what`` names the model in the log line.
 
     Returns:
         (planned epochs, stop now)
@@ -489,8 +493,8 @@ def _plan_epochs(durations: Sequence[float], elapsed: float, max_seconds: float,
     if new != planned:
         log.log(
             logging.WARNING if new < planned else logging.INFO,
-            "shared core: %d of %d epochs fit in the time limit of %.0f s (%.0f s per epoch); the schedule now ends there (best epoch kept)",
-            new, epochs, max_seconds, typical,
+            "%s: %d of %d epochs fit in the time limit of %.0f s (%.0f s per epoch); the schedule now ends there (best epoch kept)",
+            what, new, epochs, max_seconds, typical,
         )
     return new, stop
 

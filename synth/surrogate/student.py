@@ -225,7 +225,9 @@ def fit_student(
         log.info("student core epoch %d: val R^2 %.4f (best %.4f at epoch %d)", epoch + 1, score, best, best_epoch)
         durations.append(time.perf_counter() - start)
         if max_seconds is not None:
-            planned, stop = _plan_epochs(durations, time.perf_counter() - t0, max_seconds, int(cc.epochs), planned)
+            planned, stop = _plan_epochs(
+                durations, time.perf_counter() - t0, max_seconds, int(cc.epochs), planned, what="student core"
+            )
             sched.total_steps[0] = planned * steps_per_epoch
             if stop:
                 stopped_by_time = True

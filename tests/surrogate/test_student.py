@@ -105,11 +105,14 @@ def test_targets_are_averaged_to_the_students_output_size():
     assert core["arch"]["head"] == 2 and rep["epochs_run"] == 1
 
 
-def test_time_limit_keeps_the_best_epoch_and_says_so():
+def test_time_limit_keeps_the_best_epoch_and_says_so(caplog):
     x = torch.rand(40, 3, 32, 32)
     y = torch.randn(40, 2, 16, 16).to(torch.bfloat16)
-    _, rep = fit_student(x, y, _tiny_cc(epochs=50), in_channels=3, seed=0, max_seconds=0.0)
+    with caplog.at_level("WARNING", logger="synth"):
+        _, rep = fit_student(x, y, _tiny_cc(epochs=50), in_channels=3, seed=0, max_seconds=0.0)
     assert rep["stopped_by_time_limit"] and rep["epochs_run"] == 1
+    said = [r.getMessage() for r in caplog.records if "epochs fit in the time limit" in r.getMessage()]
+    assert said and all(m.startswith("student core: 1 of 50 epochs") for m in said), said
 
 
 def test_mismatched_images_and_maps_are_refused():
