@@ -314,16 +314,16 @@ def _core_stage(fits: list, plans: list, device: torch.device, timer: Timer) -> 
 
     from synth.surrogate.core import core_summary, ensure_core
 
-    out, reports = [], []
+    out, reports = list(fits), [None] * len(fits)
+    # students first: their pass through the teachers for the maps also gives the teachers'
+    # outputs, cached as labels, so a core distilled from the same twins on the same images
+    # runs no twin of its own (the order changes nothing else: each core is seeded by its plan)
+    order = sorted((i for i, p in enumerate(plans) if p is not None), key=lambda i: plans[i].config.objective != "teacher_maps")
     with timer("core"):
-        for fit, plan in zip(fits, plans):
-            if plan is None:
-                out.append(fit)
-                reports.append(None)
-                continue
-            path, info = ensure_core(plan, device=device)
-            out.append(dataclasses.replace(fit, weights=str(path), core=None))
-            reports.append(core_summary(info))
+        for i in order:
+            path, info = ensure_core(plans[i], device=device)
+            out[i] = dataclasses.replace(fits[i], weights=str(path), core=None)
+            reports[i] = core_summary(info)
     return out, reports
 
 

@@ -620,6 +620,31 @@ class TwinRecorder:
             raw[todo] = known.astype(np.float64)
         return self._calibrated(raw, images.device), feats
 
+    def remember(self, images: torch.Tensor, raw: np.ndarray) -> bool:
+        """Cache the twins' raw outputs ``raw`` on ``images``, computed in another pass
+        through their layers (e.g. a student's teacher maps), where ``expected`` looks for
+        them: a later ``expected`` on the same images then runs no twin.
+
+        As ``expected`` caches: only the images not seen at calibration, and only when they
+        are many enough; an existing cache entry is kept.
+
+        Args:
+            images: (N, C, H, W) in [0, 1], as for ``expected``.
+            raw: (N, S) the ensemble's raw (uncalibrated) outputs on them.
+
+        Returns:
+            whether a cache entry was written.
+        """
+        raw = np.asarray(raw)
+        if raw.shape != (images.shape[0], self.ensemble.n_twins):
+            raise ValueError(f"raw outputs have shape {raw.shape}, want ({images.shape[0]}, {self.ensemble.n_twins})")
+        _, todo, sub, big = self._raw_known(images)
+        if not todo or not big or self.ensemble._cache_path(sub).exists():
+            return False
+        dtype = torch.empty(0, dtype=self.ensemble.dtype).numpy().dtype  # what ``forward`` would have cached
+        self.ensemble.write_cached(sub, raw[todo].astype(dtype, copy=False))
+        return True
+
     def _raw_known(self, images: torch.Tensor) -> tuple[np.ndarray, list[int], torch.Tensor, bool]:
         """Raw outputs of the images seen at calibration; the rest to compute.
 

@@ -520,8 +520,13 @@ def student_set(plan: CorePlan, *, device: torch.device | str = "cpu") -> tuple[
     del native
     x_mode = plan.source.in_mode(x_sel, plan.grayscale)  # the teachers see what the student sees
     t0 = time.perf_counter()
-    ensembles = [plan.source.teacher(t, device).ensemble for t in plan.teachers]
+    recorders = [plan.source.teacher(t, device) for t in plan.teachers]
+    ensembles = [r.ensemble for r in recorders]
     targets = teacher_map_targets(ensembles, x_mode, parse_twin_layers(cc.teacher_layers), int(cc.teacher_components))
+    # the twins' outputs came with the maps: cached as labels, a core distilled from the same
+    # teachers on the same images (trained after the student, ``_core_stage``) reads them
+    for r, y in zip(recorders, targets.outputs):
+        r.remember(x_mode, y)
     seconds = round(time.perf_counter() - t0, 1)
     log.info(
         "core data: the twins of %s gave %d channels (%s) on %d images, kept as %d components (%.0f%% of their variance; %.0f s)",

@@ -46,21 +46,29 @@ class MapTargets:
             variance is 1.
         n_channels: the teachers' channels before the projection.
         explained: share of the standardized channels' variance the K components keep.
+        outputs: each teacher ensemble's raw outputs ``(N, T)`` float32, from the same
+            pass through the twins' layers (free: the maps run up to the last layer).
     """
 
     maps: torch.Tensor
     n_channels: int
     explained: float
+    outputs: tuple[np.ndarray, ...] = ()
 
 
-def _teacher_maps(ensembles: Sequence[Any], images: torch.Tensor, layers: Sequence[int]) -> torch.Tensor:
-    """Every teacher twin's hidden ``layers`` at 28 x 28, concatenated: ``(N, C, 28, 28)`` float32."""
+def _teacher_maps(ensembles: Sequence[Any], images: torch.Tensor, layers: Sequence[int]) -> tuple[torch.Tensor, list[np.ndarray]]:
+    """Every teacher twin's hidden ``layers`` at 28 x 28, concatenated: ``(N, C, 28, 28)``
+    float32, and each ensemble's raw outputs ``(N, T)`` from the same pass."""
     from synth.populations.twins import TWIN_SIZE
 
     side = TWIN_SIZE // 4  # layers 2-4 are 28 x 28; layers 0-1 are averaged down to it
-    parts = [e.pooled_hidden(images, layers, side).float().cpu() for e in ensembles]
+    parts, outputs = [], []
+    for e in ensembles:
+        f, y = e.pooled_hidden(images, layers, side, with_outputs=True)
+        parts.append(f.float().cpu())
+        outputs.append(y.float().cpu().numpy())
     f = torch.cat(parts, dim=1)
-    return f.view(images.shape[0], -1, side, side)
+    return f.view(images.shape[0], -1, side, side), outputs
 
 
 @torch.no_grad()
@@ -82,10 +90,11 @@ def teacher_map_targets(
         fit_images: images that fix the standardization and the components.
 
     Returns:
-        :class:`MapTargets`.
+        :class:`MapTargets` (with the teachers' outputs on ``images``).
     """
     n = images.shape[0]
-    first = _teacher_maps(ensembles, images[: min(fit_images, n)], layers)
+    first, first_y = _teacher_maps(ensembles, images[: min(fit_images, n)], layers)
+    outputs = [[y] for y in first_y]
     c = first.shape[1]
     # the channels' sums and cross-products in float64, a few images at a time (the
     # positions of 512 images times 1756 channels would take 5.6 GB at once)
@@ -121,8 +130,11 @@ def teacher_map_targets(
     put(0, first)
     starts = range(first.shape[0], n, TEACHER_CHUNK)
     for i in progress(starts, desc="teacher maps", total=len(starts)):
-        put(i, _teacher_maps(ensembles, images[i : i + TEACHER_CHUNK], layers))
-    return MapTargets(out, int(c), explained)
+        maps, ys = _teacher_maps(ensembles, images[i : i + TEACHER_CHUNK], layers)
+        put(i, maps)
+        for o, y in zip(outputs, ys):
+            o.append(y)
+    return MapTargets(out, int(c), explained, tuple(np.concatenate(o) for o in outputs))
 
 
 def _squares(pred: torch.Tensor, target: torch.Tensor) -> tuple[float, float]:

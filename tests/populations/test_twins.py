@@ -332,6 +332,33 @@ def test_labels_and_features_in_one_pass_are_cached_as_labels(tmp_path, monkeypa
     torch.testing.assert_close(known[0], recd.expected(x[:4]), rtol=0, atol=0)
 
 
+def test_outputs_from_another_pass_are_remembered_where_expected_looks(tmp_path, monkeypatch):
+    """``remember``: outputs computed elsewhere (a student's maps pass) are cached for the
+    images not seen at calibration, so ``expected`` reads them and runs no twin."""
+    monkeypatch.setenv("SYNTH_CACHE_DIR", str(tmp_path / "cache"))
+    recd, x, _ = _calibrated(noise="none")
+    imgs = torch.cat([x[:2], _images(5, seed=9)])  # 2 calibration images, 5 new ones
+    with torch.no_grad():
+        raw = recd.ensemble(imgs).numpy()
+    assert not recd.remember(imgs, raw)  # 5 images x 2 twins: below the caching size, as expected's
+    monkeypatch.setattr(twins, "_CACHE_MIN", 1)
+    with pytest.raises(ValueError, match=r"raw outputs have shape \(7, 3\), want \(7, 2\)"):
+        recd.remember(imgs, np.zeros((7, 3)))
+    marked = raw.copy()
+    marked[:2] = 1e6  # rows of calibration images: never stored (calibration knows them)
+    assert recd.remember(imgs, marked)
+    assert not recd.remember(imgs, marked * 2)  # an existing entry is kept
+    assert not recd.remember(x[:4], recd.ensemble(x[:4]).detach().numpy())  # all known from calibration
+
+    def boom(*a, **k):
+        raise AssertionError("a pass through the twins")
+
+    monkeypatch.setattr(recd.ensemble, "forward", boom)
+    got = recd.expected(imgs)
+    want = torch.as_tensor(np.maximum(raw * recd.slope + recd.intercept, 0), dtype=torch.float32)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
+
+
 # --------------------------------------------------------------------------- real twins
 
 

@@ -720,15 +720,45 @@ def test_student_core_learns_only_other_sessions_and_is_reused(fake_root, cache,
     assert info2["cache"] == "hit" and path2 == path
 
 
-def test_student_member_in_the_closed_loop(fake_root, cache, tmp_path):
+def test_students_maps_pass_labels_a_core_distilled_on_the_same_images(fake_root, cache, tmp_path, monkeypatch):
+    """The student's pass through the teachers caches their outputs: a core distilled from
+    the same twins on the same images then gets the same labels without running a twin."""
+    monkeypatch.setattr(twins, "_CACHE_MIN", 1)  # the tiny root's 10 images are cached as real ones are
+    resp = plan_core(_cc(distill_twins="auto"), root=fake_root, evaluated="c3", grayscale=False, seed=0)
+    monkeypatch.setenv("SYNTH_CACHE_DIR", str(tmp_path / "elsewhere"))
+    want, names, _ = core_mod.training_sets(resp)  # labelled by the twins themselves
+    monkeypatch.setenv("SYNTH_CACHE_DIR", str(cache))
+    ensure_core(plan_core(_cc(**STUDENT), root=fake_root, evaluated="c3", grayscale=False, seed=0))
+
+    def boom(*a, **k):
+        raise AssertionError("the labels should have come from the student's pass")
+
+    monkeypatch.setattr(twins.TwinEnsemble, "forward", boom)
+    got, names2, _ = core_mod.training_sets(resp)
+    assert names2 == names and "twins:a1" in names
+    for (x_w, y_w), (x_g, y_g) in zip(want, got):
+        torch.testing.assert_close(x_g, x_w, rtol=0, atol=0)
+        torch.testing.assert_close(y_g, y_w, rtol=1e-5, atol=1e-5)
+
+
+def test_student_member_in_the_closed_loop(fake_root, cache, tmp_path, monkeypatch):
     from synth.pipeline import run_pipeline
     from synth.surrogate.model import Surrogate
 
+    trained: list[str] = []
+    real_ensure = core_mod.ensure_core
+
+    def spy_ensure(plan, **kw):
+        trained.append(plan.config.objective)
+        return real_ensure(plan, **kw)
+
+    monkeypatch.setattr(core_mod, "ensure_core", spy_ensure)
     cfg = _core_stage_config(fake_root, ensemble=[{"core": STUDENT, "lr": 0.002}])
     out = run_pipeline(cfg, out=str(tmp_path / "run"))
+    assert trained == ["teacher_maps", "responses"]  # the student first (its maps pass labels the main core's images)
     rep = json.loads((out / "report.json").read_text())
     main, member = rep["core"], rep["ensemble_cores"][0]
-    assert main["objective"] == "responses" and member["objective"] == "teacher_maps"
+    assert main["objective"] == "responses" and member["objective"] == "teacher_maps"  # reported in the config's order
     assert member["distill_twins"] == ["a1"] and member["excluded_session"] == "c3" and member["key"] != main["key"]
     assert len(rep["fit"]["ensemble"]) == 2
     assert Surrogate.load(out / "surrogate_member1.pt").backbone.out_shape(112, 3)[0] == 3

@@ -25,12 +25,16 @@ class _FakeTeacher:
         self.n_twins = 1
         self.calls: list[int] = []
 
-    def pooled_hidden(self, images, layers, grid):
+    def pooled_hidden(self, images, layers, grid, *, with_outputs=False):
         assert grid == 28 and list(layers) == [2, 3, 4]
         self.calls.append(images.shape[0])
         x = torch.nn.functional.adaptive_avg_pool2d(images, 28)
         m = torch.einsum("nchw,kc->nkhw", x, self.w) * self.scale.view(1, -1, 1, 1) + self.b.view(1, -1, 1, 1)
-        return m.flatten(1)
+        return (m.flatten(1), self.output(images)) if with_outputs else m.flatten(1)
+
+    def output(self, images):
+        """The fake twin's output: its first channel's mean, ``(N, 1)``."""
+        return (images.mean(dim=(2, 3)) @ self.w[0] * self.scale[0] + self.b[0]).view(-1, 1)
 
 
 def _maps(teachers, images):
@@ -48,6 +52,10 @@ def test_all_channels_are_standardized_on_the_first_images_and_every_image_is_ma
     mean = raw[:24].mean(dim=(0, 2, 3), keepdim=True)
     std = raw[:24].transpose(0, 1).reshape(5, -1).std(dim=1).view(1, -1, 1, 1)
     torch.testing.assert_close(t.maps.float(), (raw - mean) / std, rtol=2e-2, atol=2e-2)
+    # the teachers' outputs come from the same passes (calls above), every image in order
+    assert len(t.outputs) == 2 and all(o.shape == (40, 1) for o in t.outputs)
+    for o, teacher in zip(t.outputs, teachers):
+        torch.testing.assert_close(torch.as_tensor(o), teacher.output(x), rtol=1e-5, atol=1e-5)
 
 
 def test_components_are_the_standardized_channels_principal_axes():
