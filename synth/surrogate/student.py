@@ -46,7 +46,7 @@ class MapTargets:
             variance is 1.
         n_channels: the teachers' channels before the projection.
         explained: share of the standardized channels' variance the K components keep.
-        outputs: each teacher ensemble's raw outputs ``(N, T)`` float32, from the same
+        outputs: each teacher ensemble's raw outputs ``(N, T)`` in its dtype, from the same
             pass through the twins' layers (free: the maps run up to the last layer).
     """
 
@@ -66,7 +66,7 @@ def _teacher_maps(ensembles: Sequence[Any], images: torch.Tensor, layers: Sequen
     for e in ensembles:
         f, y = e.pooled_hidden(images, layers, side, with_outputs=True)
         parts.append(f.float().cpu())
-        outputs.append(y.float().cpu().numpy())
+        outputs.append(y.cpu().numpy())  # in the twins' dtype, as their cache holds them
     f = torch.cat(parts, dim=1)
     return f.view(images.shape[0], -1, side, side), outputs
 
