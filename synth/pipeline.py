@@ -199,7 +199,7 @@ def run_pipeline(cfg: Config, *, config_path: str | None = None, out: str | None
         _save_json(run.path("provenance.json"), provenance)
         core_reports: list[dict[str, Any] | None] = [None] * len(fits)
         if any(p is not None for p in core_plans):
-            fits, core_reports = _core_stage(fits, core_plans, device, timer)
+            fits, core_reports = _core_stage(fits, core_plans, device, timer, cfg.fit.core_stage_minutes)
             provenance["core"] = core_reports[0]
             if n_members > 1:
                 provenance["ensemble_cores"] = core_reports[1:n_members]
@@ -307,21 +307,38 @@ def resolve_twin_backbone(fit, target: Target):
     return dataclasses.replace(fit, backbone_kwargs=kw)
 
 
-def _core_stage(fits: list, plans: list, device: torch.device, timer: Timer) -> tuple[list, list[dict[str, Any] | None]]:
+def _core_stage(
+    fits: list, plans: list, device: torch.device, timer: Timer, stage_minutes: float | None = None
+) -> tuple[list, list[dict[str, Any] | None]]:
     """Train or reuse each recipe's shared core; returns the recipes with ``weights`` set
-    to their core files, and a core summary per recipe (None where no core was needed)."""
+    to their core files, and a core summary per recipe (None where no core was needed).
+
+    ``stage_minutes`` (``fit.core_stage_minutes``) limits the whole stage: each core to train
+    gets the lesser of its own ``max_minutes`` and what is left of the stage. Cached cores
+    are looked up first (they cost nothing); students train first, then the other cores by
+    their own limit, shortest first, so that a cut falls on the core given the most time.
+    """
     import dataclasses
 
-    from synth.surrogate.core import core_summary, ensure_core
+    from synth.surrogate.core import core_summary, ensure_core, read_cached
 
     out, reports = list(fits), [None] * len(fits)
-    # students first: their pass through the teachers for the maps also gives the teachers'
-    # outputs, cached as labels, so a core distilled from the same twins on the same images
-    # runs no twin of its own (the order changes nothing else: each core is seeded by its plan)
-    order = sorted((i for i, p in enumerate(plans) if p is not None), key=lambda i: plans[i].config.objective != "teacher_maps")
+    todo = [i for i, p in enumerate(plans) if p is not None]
+    cached = {i for i in todo if read_cached(plans[i], stage_minutes) is not None}
+
+    def rank(i: int) -> tuple[int, int, float]:
+        # students first: their pass through the teachers for the maps also gives the
+        # teachers' outputs, cached as labels, so a core distilled from the same twins on the
+        # same images runs no twin of its own (the order changes nothing else: each core is
+        # seeded by its plan)
+        own = plans[i].config.max_minutes
+        return (i not in cached, plans[i].config.objective != "teacher_maps", float("inf") if own is None else float(own))
+
+    t0 = time.perf_counter()
     with timer("core"):
-        for i in order:
-            path, info = ensure_core(plans[i], device=device)
+        for i in sorted(todo, key=rank):
+            left = None if stage_minutes is None else max(0.0, float(stage_minutes) - (time.perf_counter() - t0) / 60.0)
+            path, info = ensure_core(plans[i], device=device, limit_minutes=left, stage_minutes=stage_minutes)
             out[i] = dataclasses.replace(fits[i], weights=str(path), core=None)
             reports[i] = core_summary(info)
     return out, reports

@@ -732,10 +732,12 @@ def feature_readouts(cc: CoreConfig, names: Sequence[str]) -> dict[str, Callable
     return {n: build for n in names if n.startswith("twinfeatures:")}
 
 
-def read_cached(plan: CorePlan) -> dict[str, Any] | None:
+def read_cached(plan: CorePlan, stage_minutes: float | None = None) -> dict[str, Any] | None:
     """The cached core's info (None when absent, unreadable, or cut short by a time limit
     that ``plan`` raises or lifts: the limit is not part of the key, so such a core would
-    otherwise be reused when a lab raises the limit after a slow day)."""
+    otherwise be reused when a lab raises the limit after a slow day). A core cut short by
+    the core stage's limit (``fit.core_stage_minutes``, less than its own) is likewise
+    retrained when ``stage_minutes`` raises or lifts that limit."""
     info_path = plan.path.with_name(CORE_INFO)
     if not (plan.path.exists() and info_path.exists()):
         return None
@@ -759,6 +761,13 @@ def read_cached(plan: CorePlan) -> dict[str, Any] | None:
                 plan.path, old, info.get("epochs_run"), plan.config.epochs, "no limit" if limit is None else f"{limit:g} min",
             )
             return None
+        old_stage = info.get("stage_minutes")
+        if info.get("limited_by_stage") and (stage_minutes is None or (old_stage is not None and float(stage_minutes) > float(old_stage))):
+            log.info(
+                "core: the cached core %s stopped at the core stage's time limit (%s min) and this run allows %s: retraining",
+                plan.path, old_stage, "no stage limit" if stage_minutes is None else f"{stage_minutes:g} min",
+            )
+            return None
     return info
 
 
@@ -766,15 +775,25 @@ def _fmt_r(r: Any) -> str:
     return f"{float(r):.3f}" if isinstance(r, (int, float)) else "unknown"
 
 
-def ensure_core(plan: CorePlan, *, device: torch.device | str = "cpu") -> tuple[Path, dict[str, Any]]:
+def ensure_core(
+    plan: CorePlan, *, device: torch.device | str = "cpu", limit_minutes: float | None = None, stage_minutes: float | None = None
+) -> tuple[Path, dict[str, Any]]:
     """The cached core of ``plan``, trained first if it is not cached yet.
+
+    Args:
+        plan: the core to reuse or train.
+        device: where to train it.
+        limit_minutes: what is left of the core stage's time limit: training stops at the
+            lesser of this and the core's own ``max_minutes`` (None: its own only).
+        stage_minutes: the core stage's whole limit (``fit.core_stage_minutes``), recorded
+            with the core and compared at reuse (see :func:`read_cached`).
 
     Returns:
         (path, info): the core file (``weights`` for ``pretrained_core``) and a JSON-ready
         dict: ``cache`` (``hit``/``miss``), ``key``, ``sessions``, ``excluded_session``,
         ``distill_twins``, ``mean_val_median_r``, ``train_seconds``...
     """
-    info = read_cached(plan)
+    info = read_cached(plan, stage_minutes)
     if info is not None:
         log.info("core: reusing cached core %s (sessions %s; twins %s)", plan.path, ", ".join(plan.sessions), ", ".join(plan.teachers) or "none")
         if info.get("stopped_by_time_limit"):
@@ -802,7 +821,12 @@ def ensure_core(plan: CorePlan, *, device: torch.device | str = "cpu") -> tuple[
         jacobians = jacobian_targets(plan, datasets, names, device=device)
     load_s = time.perf_counter() - t0
     # The limit is for the whole stage: what loading and labelling took comes off training.
-    max_s = None if cc.max_minutes is None else max(0.0, float(cc.max_minutes) * 60.0 - load_s)
+    limits = [float(m) for m in (cc.max_minutes, limit_minutes) if m is not None]
+    limit = min(limits) if limits else None
+    by_stage = limit_minutes is not None and (cc.max_minutes is None or float(limit_minutes) < float(cc.max_minutes))
+    if by_stage:
+        log.info("core: %.1f min left of the core stage's %s min (its own limit: %s)", limit, stage_minutes, cc.max_minutes)
+    max_s = None if limit is None else max(0.0, limit * 60.0 - load_s)
     if student:
         from synth.surrogate.student import fit_student
 
@@ -834,6 +858,9 @@ def ensure_core(plan: CorePlan, *, device: torch.device | str = "cpu") -> tuple[
         "epochs_run": rep["epochs_run"],
         "best_epoch": rep["best_epoch"],
         "stopped_by_time_limit": rep.get("stopped_by_time_limit", False),
+        "limit_minutes": limit,
+        "stage_minutes": stage_minutes,
+        "limited_by_stage": bool(by_stage and rep.get("stopped_by_time_limit", False)),
         "schedule_epochs": rep.get("schedule_epochs"),
         "precision": rep.get("precision"),
         "adversarial_eps": rep.get("adversarial_eps", 0.0),
@@ -868,7 +895,7 @@ def core_summary(info: Mapping[str, Any]) -> dict[str, Any]:
     """The part of a core's info that goes into report.json / provenance.json."""
     keys = (
         "cache", "path", "key", "sessions", "excluded_session", "excluded", "distill_twins", "objective", "val_r2", "mean_val_median_r",
-        "val_median_r", "epochs_run", "best_epoch", "stopped_by_time_limit", "schedule_epochs", "precision", "adversarial_eps", "jacobian_cosine", "train_seconds",
+        "val_median_r", "epochs_run", "best_epoch", "stopped_by_time_limit", "limit_minutes", "limited_by_stage", "schedule_epochs", "precision", "adversarial_eps", "jacobian_cosine", "train_seconds",
         "total_seconds", "data",
     )
     return {k: info.get(k) for k in keys if k in info}

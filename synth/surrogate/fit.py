@@ -125,6 +125,14 @@ class FitConfig:
             "each a partial fit section overriding this one's keys, e.g. {core: {input_size: 64}}"
         },
     )
+    core_stage_minutes: float | None = field(
+        default=None,
+        metadata={
+            "min": 0.0,
+            "help": "time limit of the whole core stage, every member's core together (none: only each core's own "
+            "core.max_minutes): a core to train gets the lesser of its own limit and what is left of the stage",
+        },
+    )
     judge: dict[str, Any] | None = field(
         default=None,
         metadata={
@@ -199,6 +207,8 @@ class FitConfig:
             for key in ("split", "refit"):
                 if key in override:
                     raise ConfigError(f"every ensemble member is fitted on the same images (set fit.{key} instead)", key=f"ensemble[{i}].{key}")
+            if "core_stage_minutes" in override:
+                raise ConfigError("the core stage's time limit covers every member's core (set fit.core_stage_minutes instead)", key=f"ensemble[{i}].core_stage_minutes")
             out.append(self._merged(override, f"ensemble[{i}]"))
         return tuple(out)
 
@@ -212,7 +222,7 @@ class FitConfig:
             return None
         if not isinstance(self.judge, Mapping):
             raise ConfigError(f"expected a partial fit section (a mapping), got {self.judge!r}", key="judge")
-        for key in ("ensemble", "judge", "split", "refit"):
+        for key in ("ensemble", "judge", "split", "refit", "core_stage_minutes"):
             if key in self.judge:
                 raise ConfigError(f"the judge is one surrogate fitted on the surrogate's images (set fit.{key} instead)", key=f"judge.{key}")
         return self._merged(self.judge, "judge")

@@ -12,6 +12,7 @@ import io
 import json
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -493,6 +494,75 @@ def test_core_cut_short_by_time_is_retrained_when_the_limit_is_raised(fake_root,
     assert not [r for r in caplog.records if "cut short" in r.getMessage()]
 
 
+def test_core_cut_short_by_the_stage_limit_is_retrained_when_the_stage_allows_more(fake_root, cache):
+    plan = plan_core(_cc(max_minutes=10.0, epochs=3), root=fake_root, evaluated="a1", grayscale=False, seed=0)
+    # nothing left of a 5 min stage: one epoch, cut by the stage (its own 10 min would allow 3)
+    _, info = ensure_core(plan, limit_minutes=0.0, stage_minutes=5.0)
+    assert info["stopped_by_time_limit"] and info["limited_by_stage"] and info["epochs_run"] == 1
+    assert info["limit_minutes"] == 0.0 and info["stage_minutes"] == 5.0
+    assert core_summary(info)["limited_by_stage"] is True
+    # the same or a tighter stage limit: what it gives, reused
+    assert ensure_core(plan, limit_minutes=5.0, stage_minutes=5.0)[1]["cache"] == "hit"
+    assert ensure_core(plan, limit_minutes=4.0, stage_minutes=4.0)[1]["cache"] == "hit"
+    # a longer stage, or none: retrained in full
+    _, info2 = ensure_core(plan, limit_minutes=6.0, stage_minutes=6.0)
+    assert info2["cache"] == "miss" and info2["epochs_run"] == 3 and not info2["limited_by_stage"]
+    assert ensure_core(plan)[1]["cache"] == "hit"
+    # cut by its own limit, below what is left of the stage: not the stage's doing
+    own = plan_core(_cc(max_minutes=0.0, epochs=2), root=fake_root, evaluated="a1", grayscale=False, seed=0)
+    _, info3 = ensure_core(own, limit_minutes=5.0, stage_minutes=5.0)
+    assert info3["stopped_by_time_limit"] and not info3["limited_by_stage"] and info3["limit_minutes"] == 0.0
+    assert ensure_core(own, limit_minutes=60.0, stage_minutes=60.0)[1]["cache"] == "hit"
+
+
+def test_core_stage_gives_each_core_what_is_left_students_first_then_shortest_limit(monkeypatch):
+    from synth import pipeline
+
+    clock = [100.0]
+    monkeypatch.setattr(pipeline.time, "perf_counter", lambda: clock[0])
+    took = {"student": 20.0, "long": 25.0, "short": 7.0, "cached": 0.0}  # minutes each core takes
+    calls: list[tuple[str, float | None, float | None]] = []
+
+    def fake_ensure(plan, *, device, limit_minutes=None, stage_minutes=None):
+        calls.append((plan.name, limit_minutes, stage_minutes))
+        own = plan.config.max_minutes
+        clock[0] += 60.0 * min(took[plan.name], *(m for m in (own, limit_minutes) if m is not None))
+        return Path(f"/cores/{plan.name}.pt"), {"cache": "miss", "key": plan.name}
+
+    monkeypatch.setattr(core_mod, "ensure_core", fake_ensure)
+    monkeypatch.setattr(core_mod, "read_cached", lambda plan, stage_minutes=None: {} if plan.name == "cached" else None)
+
+    def plan(name, objective, minutes):
+        return SimpleNamespace(name=name, config=SimpleNamespace(objective=objective, max_minutes=minutes))
+
+    plans = [plan("long", "responses", 44.0), plan("short", "responses", 15.0), None, plan("student", "teacher_maps", 30.0), plan("cached", "responses", 44.0)]
+    fits = [FitConfig() for _ in plans]
+    out, reports = pipeline._core_stage(fits, plans, torch.device("cpu"), pipeline.Timer(), stage_minutes=50.0)
+    # the cached core first (it costs nothing), the student, then the others by their own limit
+    assert [c[0] for c in calls] == ["cached", "student", "short", "long"]
+    left = {name: limit for name, limit, _ in calls}
+    assert left["cached"] == pytest.approx(50.0) and left["student"] == pytest.approx(50.0)
+    assert left["short"] == pytest.approx(30.0) and left["long"] == pytest.approx(23.0)  # 50 - 20 - 7: the cut falls here
+    assert {c[2] for c in calls} == {50.0}
+    assert reports[2] is None and out[2] is fits[2] and out[0].weights == "/cores/long.pt" and out[0].core is None
+    assert [r["key"] for r in reports if r] == ["long", "short", "student", "cached"]  # reported in the config's order
+    # no stage limit: every core has only its own
+    calls.clear()
+    pipeline._core_stage(fits, plans, torch.device("cpu"), pipeline.Timer())
+    assert {c[1] for c in calls} == {None} and {c[2] for c in calls} == {None}
+
+
+def test_core_stage_limit_is_one_for_the_whole_stage():
+    fc = from_dict(FitConfig, {"backbone": "pretrained_core", "weights": "auto", "core_stage_minutes": 58, "ensemble": [{"core": {"input_size": 64}}]})
+    assert fc.core_stage_minutes == 58.0 and all(m.core_stage_minutes == 58.0 for m in fc.members())
+    with pytest.raises(ConfigError, match=r"^ensemble\[0\]\.core_stage_minutes: the core stage's time limit covers every member's core"):
+        from_dict(FitConfig, {"backbone": "pretrained_core", "weights": "auto", "ensemble": [{"core_stage_minutes": 10}]})
+    with pytest.raises(ConfigError, match=r"^judge\.core_stage_minutes: "):
+        from_dict(FitConfig, {"backbone": "pretrained_core", "weights": "auto", "judge": {"core_stage_minutes": 10}})
+    with pytest.raises(ConfigError, match=r"core_stage_minutes"):
+        from_dict(FitConfig, {"core_stage_minutes": -1})
+
+
 def test_training_guard_refuses_evaluated_session(fake_root, cache):
     import dataclasses
 
@@ -748,14 +818,18 @@ def test_student_member_in_the_closed_loop(fake_root, cache, tmp_path, monkeypat
     trained: list[str] = []
     real_ensure = core_mod.ensure_core
 
+    limits: list[tuple[float, float]] = []
+
     def spy_ensure(plan, **kw):
         trained.append(plan.config.objective)
+        limits.append((kw["limit_minutes"], kw["stage_minutes"]))
         return real_ensure(plan, **kw)
 
     monkeypatch.setattr(core_mod, "ensure_core", spy_ensure)
-    cfg = _core_stage_config(fake_root, ensemble=[{"core": STUDENT, "lr": 0.002}])
+    cfg = _core_stage_config(fake_root, ensemble=[{"core": STUDENT, "lr": 0.002}], core_stage_minutes=30)
     out = run_pipeline(cfg, out=str(tmp_path / "run"))
     assert trained == ["teacher_maps", "responses"]  # the student first (its maps pass labels the main core's images)
+    assert [stage for _, stage in limits] == [30.0, 30.0] and 0 < limits[1][0] < limits[0][0] <= 30.0  # fit.core_stage_minutes
     rep = json.loads((out / "report.json").read_text())
     main, member = rep["core"], rep["ensemble_cores"][0]
     assert main["objective"] == "responses" and member["objective"] == "teacher_maps"  # reported in the config's order
