@@ -314,25 +314,24 @@ def _core_stage(
     to their core files, and a core summary per recipe (None where no core was needed).
 
     ``stage_minutes`` (``fit.core_stage_minutes``) limits the whole stage: each core to train
-    gets the lesser of its own ``max_minutes`` and what is left of the stage. Cached cores
-    are looked up first (they cost nothing); students train first, then the other cores by
-    their own limit, shortest first, so that a cut falls on the core given the most time.
+    gets the lesser of its own ``max_minutes`` and what is left of the stage (a cached core
+    costs nothing). Students train first, then the other cores by their own limit, shortest
+    first, so that a cut falls on the core given the most time.
     """
     import dataclasses
 
-    from synth.surrogate.core import core_summary, ensure_core, read_cached
+    from synth.surrogate.core import core_summary, ensure_core
 
     out, reports = list(fits), [None] * len(fits)
     todo = [i for i, p in enumerate(plans) if p is not None]
-    cached = {i for i in todo if read_cached(plans[i], stage_minutes) is not None}
 
-    def rank(i: int) -> tuple[int, int, float]:
+    def rank(i: int) -> tuple[bool, float]:
         # students first: their pass through the teachers for the maps also gives the
         # teachers' outputs, cached as labels, so a core distilled from the same twins on the
         # same images runs no twin of its own (the order changes nothing else: each core is
         # seeded by its plan)
         own = plans[i].config.max_minutes
-        return (i not in cached, plans[i].config.objective != "teacher_maps", float("inf") if own is None else float(own))
+        return (plans[i].config.objective != "teacher_maps", float("inf") if own is None else float(own))
 
     t0 = time.perf_counter()
     with timer("core"):

@@ -520,7 +520,7 @@ def test_core_stage_gives_each_core_what_is_left_students_first_then_shortest_li
 
     clock = [100.0]
     monkeypatch.setattr(pipeline.time, "perf_counter", lambda: clock[0])
-    took = {"student": 20.0, "long": 25.0, "short": 7.0, "cached": 0.0}  # minutes each core takes
+    took = {"student": 20.0, "long": 25.0, "short": 7.0, "cached": 0.0}  # minutes each core takes (cached: none)
     calls: list[tuple[str, float | None, float | None]] = []
 
     def fake_ensure(plan, *, device, limit_minutes=None, stage_minutes=None):
@@ -530,7 +530,6 @@ def test_core_stage_gives_each_core_what_is_left_students_first_then_shortest_li
         return Path(f"/cores/{plan.name}.pt"), {"cache": "miss", "key": plan.name}
 
     monkeypatch.setattr(core_mod, "ensure_core", fake_ensure)
-    monkeypatch.setattr(core_mod, "read_cached", lambda plan, stage_minutes=None: {} if plan.name == "cached" else None)
 
     def plan(name, objective, minutes):
         return SimpleNamespace(name=name, config=SimpleNamespace(objective=objective, max_minutes=minutes))
@@ -538,11 +537,12 @@ def test_core_stage_gives_each_core_what_is_left_students_first_then_shortest_li
     plans = [plan("long", "responses", 44.0), plan("short", "responses", 15.0), None, plan("student", "teacher_maps", 30.0), plan("cached", "responses", 44.0)]
     fits = [FitConfig() for _ in plans]
     out, reports = pipeline._core_stage(fits, plans, torch.device("cpu"), pipeline.Timer(), stage_minutes=50.0)
-    # the cached core first (it costs nothing), the student, then the others by their own limit
-    assert [c[0] for c in calls] == ["cached", "student", "short", "long"]
+    # the student first, then the others by their own limit, shortest first (ties in the config's order)
+    assert [c[0] for c in calls] == ["student", "short", "long", "cached"]
     left = {name: limit for name, limit, _ in calls}
-    assert left["cached"] == pytest.approx(50.0) and left["student"] == pytest.approx(50.0)
-    assert left["short"] == pytest.approx(30.0) and left["long"] == pytest.approx(23.0)  # 50 - 20 - 7: the cut falls here
+    assert left["student"] == pytest.approx(50.0) and left["short"] == pytest.approx(30.0)
+    assert left["long"] == pytest.approx(23.0)  # 50 - 20 - 7: the cut falls on the core given the most time
+    assert left["cached"] == pytest.approx(0.0)  # nothing left, but a cached core needs no time
     assert {c[2] for c in calls} == {50.0}
     assert reports[2] is None and out[2] is fits[2] and out[0].weights == "/cores/long.pt" and out[0].core is None
     assert [r["key"] for r in reports if r] == ["long", "short", "student", "cached"]  # reported in the config's order
