@@ -222,9 +222,11 @@ class FitConfig:
             return None
         if not isinstance(self.judge, Mapping):
             raise ConfigError(f"expected a partial fit section (a mapping), got {self.judge!r}", key="judge")
-        for key in ("ensemble", "judge", "split", "refit", "core_stage_minutes"):
+        for key in ("ensemble", "judge", "split", "refit"):
             if key in self.judge:
                 raise ConfigError(f"the judge is one surrogate fitted on the surrogate's images (set fit.{key} instead)", key=f"judge.{key}")
+        if "core_stage_minutes" in self.judge:
+            raise ConfigError("the core stage's time limit covers the judge's core too (set fit.core_stage_minutes instead)", key="judge.core_stage_minutes")
         return self._merged(self.judge, "judge")
 
     def _merged(self, override: Mapping[str, Any], key: str) -> "FitConfig":

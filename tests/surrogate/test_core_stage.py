@@ -557,7 +557,7 @@ def test_core_stage_limit_is_one_for_the_whole_stage():
     assert fc.core_stage_minutes == 58.0 and all(m.core_stage_minutes == 58.0 for m in fc.members())
     with pytest.raises(ConfigError, match=r"^ensemble\[0\]\.core_stage_minutes: the core stage's time limit covers every member's core"):
         from_dict(FitConfig, {"backbone": "pretrained_core", "weights": "auto", "ensemble": [{"core_stage_minutes": 10}]})
-    with pytest.raises(ConfigError, match=r"^judge\.core_stage_minutes: "):
+    with pytest.raises(ConfigError, match=r"^judge\.core_stage_minutes: the core stage's time limit covers the judge's core too"):
         from_dict(FitConfig, {"backbone": "pretrained_core", "weights": "auto", "judge": {"core_stage_minutes": 10}})
     with pytest.raises(ConfigError, match=r"core_stage_minutes"):
         from_dict(FitConfig, {"core_stage_minutes": -1})
